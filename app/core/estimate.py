@@ -1,0 +1,296 @@
+"""Peak training memory, estimated from a model's shape before anything is downloaded or loaded.
+
+What the estimate counts, all in bytes, at the moment of the peak (the start of the backward pass, when every saved
+activation, the logits and their gradients are alive together):
+
+- Base weights. Block linears at 4.52 bits each in NF4 with double quantisation (4 bits plus an 8-bit absmax per
+  64 weights plus an fp32 absmax per 256 of those), at 1 byte plus an fp32 scale per output row in 8-bit, or in the
+  compute dtype unquantised. Embeddings, an untied output head and biases stay in the compute dtype; a tied head is
+  counted once. Norm weights are counted at fp32.
+- LoRA: A (r x in) and B (out x r) per targeted linear, in fp32, plus AdamW's two fp32 moments and an fp32
+  gradient per trainable weight. The count is exact: it equals peft's trainable parameters.
+- Activations, per token and per decoder block, in the compute dtype unless noted. They were checked against the
+  tensors autograd really saves for a Llama block on the CPU (about 6% more, on purpose):
+    * residual stream: 2 x hidden, plus 2 x hidden in fp32 per RMSNorm (norms upcast to fp32 inside);
+    * attention: 5 x heads x head_dim (q, k and v expanded to every head, the output, o_proj's input), the fp32
+      log-sum-exp per head, and the attention mask (one value per key position);
+    * MLP: 4 x intermediate (gate, its activation, up, and their product);
+    * LoRA, per targeted linear: its input once more in fp32 (peft casts to the adapter dtype, then dropout copies
+      it; Tailor's default dropout is above zero) plus a 1-byte dropout mask, and the rank-wide A output in fp32.
+  Gemma 2 has no fused attention kernel (its logit soft-capping needs the eager path), so its heads x length
+  attention scores are kept too, in fp32 and the compute dtype.
+  Without gradient checkpointing every block's activations are saved; with it only each block's input is, and one
+  block at a time is recomputed. Either way one more block's worth is added as the backward pass's working memory,
+  plus one dequantised copy of the largest linear weight, which bitsandbytes makes for each matmul.
+- Logits: batch x length x vocab in the compute dtype, plus three fp32 copies (the upcast's log-softmax, the
+  gradient flowing into it, and the gradient of the logits). Tailor's training loop applies the output head only at
+  trained tokens, which is usually far fewer; the estimate assumes every position is trained, because a dataset of
+  long replies gets close to that and an estimate that is too low ends in an out-of-memory crash.
+- CUDA context: about 0.5 GB that the driver, cuBLAS and the kernels take before the first tensor (none on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from app.core.catalogue import LinearLayer, ModelShape
+from app.core.config import ALL_LINEAR, QUANT_CHOICES
+from app.core.errors import TailorError
+
+GB = 1024**3
+"""GB here means 2^30 bytes: what GPU makers mean by the "8 GB" on the box and what nvidia-smi's MiB add up to."""
+
+DEVICES = ("cuda", "cpu")
+FITS, TIGHT, WONT_FIT = "fits", "tight", "won't fit"
+TIGHT_FRACTION = 0.85
+"""Above this share of the free memory a run is 'tight': allocator fragmentation or another program can tip it over."""
+MAX_LEN_FLOOR = 256
+"""auto_fit never cuts examples shorter than this; below it most chat examples lose their replies."""
+
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+INT8_BYTES_PER_WEIGHT = 1.0
+FP32_BYTES = 4
+DROPOUT_MASK_BYTES = 1
+CUDA_CONTEXT_BYTES = GB // 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak training memory, broken down so a table can show where it goes; every amount is in bytes."""
+
+    base_weights: int
+    """The frozen base model as held in memory (quantised block linears, full-size embeddings, norms)."""
+    adapter_weights: int
+    """LoRA A and B matrices in fp32."""
+    optimizer_states: int
+    """AdamW's two fp32 moments per trainable weight."""
+    gradients: int
+    """One fp32 gradient per trainable weight."""
+    activations: int
+    """Tensors saved for the backward pass, plus the backward's working memory."""
+    logits: int
+    """Output-head logits and the loss's fp32 copies and gradients."""
+    cuda_context: int
+    """Memory the CUDA driver and libraries take before the first tensor; 0 on the CPU."""
+    lora_param_count: int
+    """Trainable LoRA parameters: sum of r x (in + out) over the targeted linears of every block."""
+    gradient_checkpointing: bool
+    """Whether the activations were counted with gradient checkpointing on."""
+
+    @property
+    def total(self) -> int:
+        return sum(amount for _, amount in self.rows())
+
+    @property
+    def total_gb(self) -> float:
+        return self.total / GB
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(label, bytes) for each part, in the order a table shows them; the CUDA row only where there is one."""
+        rows = [
+            ("Base model weights", self.base_weights),
+            ("LoRA adapter", self.adapter_weights),
+            ("Optimizer state (AdamW)", self.optimizer_states),
+            ("Gradients", self.gradients),
+            ("Activations" + (" (gradient checkpointing)" if self.gradient_checkpointing else ""), self.activations),
+            ("Logits and loss", self.logits),
+        ]
+        if self.cuda_context:
+            rows.append(("CUDA context", self.cuda_context))
+        return rows
+
+
+@dataclass(frozen=True)
+class FitSuggestion:
+    """Settings that fit the free memory, as close to the requested ones as auto_fit could keep them."""
+
+    batch_size: int
+    grad_accum: int
+    """Forward passes per optimizer step; raised as the batch shrinks so batch_size x grad_accum stays put."""
+    max_len: int
+    gradient_checkpointing: bool
+    estimate: MemoryEstimate
+    """The estimate for exactly these settings."""
+    changes: tuple[str, ...]
+    """What was changed from the request, in plain words; empty when the request already fitted."""
+
+
+def select_targets(shape: ModelShape, target_modules: tuple[str, ...] | list[str] | str) -> tuple[LinearLayer, ...]:
+    """The block linears LoRA will wrap: every one for 'all-linear' (never the output head), else those named."""
+    layers = shape.linear_layers()
+    wanted = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if ALL_LINEAR in wanted:
+        return layers
+    names = {layer.name for layer in layers}
+    # peft matches a dotted name like 'self_attn.q_proj' by its last part, so do the same.
+    leaves = {target.rsplit(".", 1)[-1] for target in wanted}
+    unknown = sorted(leaves - names)
+    if unknown or not leaves:
+        raise TailorError(
+            f"A {shape.architecture} block has no linear layer called {', '.join(unknown) or '(nothing given)'}.",
+            f"Its linear layers are {', '.join(layer.name for layer in layers)}; or use '{ALL_LINEAR}'.",
+        )
+    return tuple(layer for layer in layers if layer.name in leaves)
+
+
+def lora_param_count(shape: ModelShape, rank: int, target_modules=(ALL_LINEAR,)) -> int:
+    """Trainable parameters LoRA adds: r x (in + out) for each targeted linear of each block, as peft counts them."""
+    per_block = sum(rank * (layer.in_features + layer.out_features) for layer in select_targets(shape, target_modules))
+    return per_block * shape.num_hidden_layers
+
+
+def _base_weight_bytes(shape: ModelShape, quant: str, compute_bytes: int) -> int:
+    if quant == "4bit":
+        linears = shape.block_linear_weight_count() * NF4_BYTES_PER_WEIGHT
+    elif quant == "8bit":
+        row_scales = sum(layer.out_features for layer in shape.linear_layers()) * FP32_BYTES
+        linears = shape.block_linear_weight_count() * INT8_BYTES_PER_WEIGHT + row_scales
+    else:
+        linears = shape.block_linear_weight_count() * compute_bytes
+    per_block = linears + shape.block_bias_count() * compute_bytes + shape.block_norm_count() * FP32_BYTES
+    unquantised = (shape.embedding_count() + shape.output_head_count()) * compute_bytes
+    final_norm = shape.hidden_size * FP32_BYTES
+    return math.ceil(shape.num_hidden_layers * per_block + unquantised + final_norm)
+
+
+def _block_activation_bytes_per_token(shape: ModelShape, targets: tuple[LinearLayer, ...], rank: int, max_len: int,
+                                      compute_bytes: int) -> float:
+    hidden, attention_width = shape.hidden_size, shape.num_attention_heads * shape.head_dim
+    residual = 2 * hidden * compute_bytes + shape.norms_per_block * 2 * hidden * FP32_BYTES
+    attention = 5 * attention_width * compute_bytes + shape.num_attention_heads * FP32_BYTES + max_len * compute_bytes
+    if shape.architecture == "gemma2":
+        attention += shape.num_attention_heads * max_len * (FP32_BYTES + compute_bytes)
+    mlp = 4 * shape.intermediate_size * compute_bytes
+    lora = sum(layer.in_features * (FP32_BYTES + DROPOUT_MASK_BYTES) + rank * FP32_BYTES for layer in targets)
+    return residual + attention + mlp + lora
+
+
+def estimate_training_memory(
+    shape: ModelShape,
+    *,
+    quant: str = "4bit",
+    rank: int = 16,
+    target_modules: tuple[str, ...] | list[str] | str = (ALL_LINEAR,),
+    max_len: int = 512,
+    batch_size: int = 8,
+    gradient_checkpointing: bool = True,
+    device: str = "cuda",
+    compute_bytes: int | None = None,
+) -> MemoryEstimate:
+    """Peak memory of a LoRA/QLoRA run with these settings (see the module docstring for what is counted).
+
+    compute_bytes is the size of one value in the compute dtype; by default 2 (bf16/fp16) on CUDA and 4 (fp32) on the
+    CPU, which is what Tailor loads models with.
+    """
+    if quant not in QUANT_CHOICES:
+        raise TailorError(f"Quantisation must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'.")
+    if device not in DEVICES:
+        raise TailorError(f"The device must be one of {', '.join(DEVICES)}, not '{device}'.")
+    if rank < 1 or max_len < 1 or batch_size < 1:
+        raise TailorError(f"Rank, max length and batch size must be at least 1 (got {rank}, {max_len}, {batch_size}).")
+    compute_bytes = compute_bytes or (2 if device == "cuda" else FP32_BYTES)
+
+    targets = select_targets(shape, target_modules)
+    trainable = lora_param_count(shape, rank, target_modules)
+    tokens = batch_size * max_len
+
+    block = tokens * _block_activation_bytes_per_token(shape, targets, rank, max_len, compute_bytes)
+    if gradient_checkpointing:
+        saved = shape.num_hidden_layers * tokens * shape.hidden_size * compute_bytes + block
+    else:
+        saved = shape.num_hidden_layers * block
+    backward_working = block
+    final_norm = tokens * 2 * shape.hidden_size * FP32_BYTES
+    dequantised_weight = (
+        max(layer.in_features * layer.out_features for layer in shape.linear_layers()) * compute_bytes
+        if quant != "none" else 0
+    )
+
+    return MemoryEstimate(
+        base_weights=_base_weight_bytes(shape, quant, compute_bytes),
+        adapter_weights=trainable * FP32_BYTES,
+        optimizer_states=2 * trainable * FP32_BYTES,
+        gradients=trainable * FP32_BYTES,
+        activations=math.ceil(saved + backward_working + final_norm + dequantised_weight),
+        logits=tokens * shape.vocab_size * (compute_bytes + 3 * FP32_BYTES),
+        cuda_context=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        lora_param_count=trainable,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def verdict(total_bytes: int, available_bytes: int) -> str:
+    """'fits' with room to spare, 'tight' within the last 15% of what is free, or "won't fit"."""
+    if total_bytes > available_bytes:
+        return WONT_FIT
+    if total_bytes >= TIGHT_FRACTION * available_bytes:
+        return TIGHT
+    return FITS
+
+
+def _candidates(batch_size: int, grad_accum: int, max_len: int, gradient_checkpointing: bool):
+    """Settings to try, least disruptive first: checkpointing costs only speed, a smaller batch with more
+    accumulation keeps the effective batch, and shorter examples are the last resort because they lose text."""
+    effective = batch_size * grad_accum
+    yield batch_size, grad_accum, max_len, gradient_checkpointing
+    if not gradient_checkpointing:
+        gradient_checkpointing = True
+        yield batch_size, grad_accum, max_len, gradient_checkpointing
+    while batch_size > 1:
+        batch_size //= 2
+        grad_accum = max(1, round(effective / batch_size))
+        yield batch_size, grad_accum, max_len, gradient_checkpointing
+    while max_len > MAX_LEN_FLOOR:
+        max_len = max(MAX_LEN_FLOOR, max_len // 2)
+        yield batch_size, grad_accum, max_len, gradient_checkpointing
+
+
+def _describe_changes(requested: tuple[int, int, int, bool], chosen: tuple[int, int, int, bool]) -> tuple[str, ...]:
+    (batch, accum, length, checkpointing), (new_batch, new_accum, new_length, new_checkpointing) = requested, chosen
+    changes = []
+    if new_checkpointing and not checkpointing:
+        changes.append("Turned on gradient checkpointing (much less memory, about a third slower).")
+    if new_batch != batch:
+        changes.append(f"Batch size {batch} → {new_batch} with gradient accumulation {accum} → {new_accum} "
+                       f"(effective batch {batch * accum} → {new_batch * new_accum}).")
+    if new_length != length:
+        changes.append(f"Max length {length} → {new_length} tokens (longer examples are cut).")
+    return tuple(changes)
+
+
+def auto_fit(
+    shape: ModelShape,
+    available_bytes: int,
+    *,
+    quant: str = "4bit",
+    rank: int = 16,
+    target_modules: tuple[str, ...] | list[str] | str = (ALL_LINEAR,),
+    max_len: int = 512,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    gradient_checkpointing: bool = False,
+    device: str = "cuda",
+    compute_bytes: int | None = None,
+) -> FitSuggestion:
+    """The requested settings, or the nearest ones that 'fit' (leave 15% of available_bytes spare).
+
+    Raises TailorError when even batch size 1 with checkpointing at MAX_LEN_FLOOR tokens is too big: the model,
+    the quantisation or the rank has to change, which is the user's call.
+    """
+    requested = (batch_size, grad_accum, max_len, gradient_checkpointing)
+    for candidate in _candidates(*requested):
+        batch, accum, length, checkpointing = candidate
+        estimate = estimate_training_memory(
+            shape, quant=quant, rank=rank, target_modules=target_modules, max_len=length, batch_size=batch,
+            gradient_checkpointing=checkpointing, device=device, compute_bytes=compute_bytes,
+        )
+        if verdict(estimate.total, available_bytes) == FITS:
+            return FitSuggestion(batch, accum, length, checkpointing, estimate, _describe_changes(requested, candidate))
+    place = "GPU memory" if device == "cuda" else "system memory"
+    raise TailorError(
+        f"Even at its smallest settings (batch size 1, {length} tokens, gradient checkpointing) this "
+        f"{shape.parameter_count / 1e9:.1f}B-parameter model needs about {estimate.total_gb:.1f} GB, "
+        f"and {available_bytes / GB:.1f} GB of {place} is free.",
+        "Pick a smaller model, use 4-bit quantisation or a lower LoRA rank, or close programs that use the memory.",
+    )
