@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "app.cli.doctor_cmd",
     "app.cli.estimate_cmd",
     "app.cli.demo_cmd",
+    "app.cli.mix_cmd",
     "app.cli.share_cmd",
 )
 

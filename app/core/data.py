@@ -286,7 +286,11 @@ def load_dataset_file(path: str | Path, format: str = "auto", prompt_column: str
     columns = list(table.column_names)
     if len(table) == 0:
         raise DatasetError(f"{path.name} has no rows.", hint="Add at least one example.")
-    detected = detect_format(columns, path) if format in ("auto", "hf_disk") else format
+    if format in ("auto", "hf_disk"):
+        # A column mapping is the user telling us the layout.
+        detected = "prompt_response" if prompt_column or response_column else detect_format(columns, path)
+    else:
+        detected = format
     rows = table.to_list()
     loaded = LoadedDataset(path=path, format=detected, columns=columns,
                            preview=[{k: _preview_value(v) for k, v in row.items()} for row in rows[:preview_rows]])
@@ -295,7 +299,7 @@ def load_dataset_file(path: str | Path, format: str = "auto", prompt_column: str
     if detected == "text":
         if "text" not in columns:
             raise DatasetError(f"{path.name}: plain-text format needs a 'text' column; found {', '.join(columns)}.")
-        loaded.texts = [row["text"] for row in rows if isinstance(row.get("text"), str) and row["text"].strip()]
+        loaded.texts = [row["text"].strip() for row in rows if isinstance(row.get("text"), str) and row["text"].strip()]
         if not loaded.texts:
             raise DatasetError(f"{path.name} contains no text.")
         return loaded

@@ -32,6 +32,7 @@ from app.core.models import ResolvedBase, load_model, load_tokenizer, pick_devic
 RUN_CONFIG_NAME = "run_config.json"
 CHECKPOINT_NAME = "checkpoint"
 STATE_NAME = "trainer_state.pt"
+PROGRESS_NAME = "progress.json"
 # Length-grouping window: sort this many batches' worth of examples by length, so batches hold similar lengths
 # while the order stays random at the scale of the whole dataset.
 MEGABATCH_FACTOR = 32
@@ -231,6 +232,8 @@ def _save_checkpoint(run_dir: Path, model, state: dict) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     torch.save(state, staging / STATE_NAME)
+    # Readable without torch, so the GUI can offer "resume at step 40 of 100" instantly.
+    write_json_atomic(staging / PROGRESS_NAME, {"step": state["step"], "total_steps": state["total_steps"]})
     target, previous = run_dir / CHECKPOINT_NAME, run_dir / f".{CHECKPOINT_NAME}.old"
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():
@@ -247,25 +250,51 @@ def _find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def prepare_run(config: RunConfig, library: Library, resume: bool) -> tuple[RunConfig, Path]:
-    """Decide which config a run uses and claim its run folder; errors here are the user's to fix (exit 2)."""
-    library.ensure()
-    run_dir = library.run_dir(config.name)
-    saved = run_dir / RUN_CONFIG_NAME
+def check_run_name(config: RunConfig, library: Library, resume: bool) -> RunConfig:
+    """The config this run uses: the saved one when resuming. Errors here are the user's to fix (exit 2)."""
+    saved = library.run_dir(config.name) / RUN_CONFIG_NAME
     if resume:
         if not saved.is_file():
             raise TailorError(f"There is no interrupted run of '{config.name}' to resume.",
                               "Start it without --resume." + _interrupted_hint(library))
-        return RunConfig.from_json(saved.read_text()), run_dir
+        return interrupted_run_config(library, config.name)
     if saved.is_file():
         raise TailorError(f"'{config.name}' has an interrupted run.",
                           "Add --resume to continue it, or pick another --name.")
     if library.exists(config.name):
         raise TailorError(f"An adapter named '{config.name}' already exists in the library.",
                           "Pick another --name, or delete it first: tailor adapters delete NAME")
+    return config
+
+
+def _claim_run_dir(config: RunConfig, library: Library) -> Path:
+    """Record the run only once its inputs proved usable, so a typo never leaves an 'interrupted run' behind."""
+    library.ensure()
+    run_dir = library.run_dir(config.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, config.to_dict())
-    return config, run_dir
+    write_json_atomic(run_dir / RUN_CONFIG_NAME, config.to_dict())
+    return run_dir
+
+
+def interrupted_run_config(library: Library, name: str) -> RunConfig:
+    """The config an interrupted run started with, which `run_training(..., resume=True)` continues."""
+    saved = library.run_dir(name) / RUN_CONFIG_NAME
+    if not saved.is_file():
+        raise TailorError(f"There is no interrupted run of '{name}'.")
+    return RunConfig.from_json(saved.read_text())
+
+
+def interrupted_run_progress(library: Library, name: str) -> tuple[int, int | None]:
+    """(step reached, total steps) of an interrupted run's last checkpoint; (0, None) if killed before the first."""
+    checkpoint = _find_checkpoint(library.run_dir(name))
+    if checkpoint is None or not (checkpoint / PROGRESS_NAME).is_file():
+        return 0, None
+    progress = json.loads((checkpoint / PROGRESS_NAME).read_text())
+    return int(progress["step"]), int(progress["total_steps"])
+
+
+def discard_interrupted_run(library: Library, name: str) -> None:
+    shutil.rmtree(library.run_dir(name), ignore_errors=True)
 
 
 def _interrupted_hint(library: Library) -> str:
@@ -281,7 +310,8 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
     from transformers import get_scheduler
 
     control = control or TrainingControl()
-    config, run_dir = prepare_run(config, library, resume)
+    config = check_run_name(config, library, resume)
+    run_dir = library.run_dir(config.name)
     checkpoint = _find_checkpoint(run_dir) if resume else None
 
     sink(StatusEvent("Preparing the base model…"))
@@ -301,6 +331,8 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
                               "Restore the original file, or delete the run folder and start again: " + str(run_dir))
     else:
         state = None
+    if not resume:
+        _claim_run_dir(config, library)
 
     device = pick_device()
     torch.manual_seed(config.training.seed)
@@ -334,7 +366,7 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
     prior_elapsed = state["elapsed_s"] if state else 0.0
 
     def checkpoint_state() -> dict:
-        return {"step": step, "history": history, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"step": step, "total_steps": total_steps, "history": history, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "dataset_fingerprint": report.fingerprint,
                 "elapsed_s": prior_elapsed + time.monotonic() - started}
 

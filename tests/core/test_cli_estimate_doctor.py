@@ -1,0 +1,103 @@
+"""`tailor estimate` and `tailor doctor` through the real entry point: output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from app.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from app.core.catalogue import find_entry
+from app.core.estimate import GB, estimate_training_memory
+
+
+def total_line(output: str) -> float:
+    match = re.search(r"^Total: (\d+\.\d\d) GB$", output, re.MULTILINE)
+    assert match, output
+    return float(match.group(1))
+
+
+def test_estimate_default_prints_the_breakdown_and_total(capsys):
+    assert main(["estimate"]) == EXIT_OK
+    output = capsys.readouterr().out
+    assert "SmolLM2 135M Instruct" in output
+    for label in ("Base model weights", "LoRA adapter", "Optimizer state (AdamW)", "Gradients", "Logits and loss"):
+        assert label in output
+    expected = estimate_training_memory(find_entry("smollm2-135m").shape, device="cpu")  # this machine has no CUDA
+    assert total_line(output) == round(expected.total_gb, 2)
+    assert "Free now:" in output
+
+
+def test_estimate_follows_the_flags(capsys):
+    args = ["estimate", "--base", "Qwen/Qwen2.5-7B-Instruct", "--rank", "64", "--max-len", "1024",
+            "--batch-size", "2", "--quant", "8bit", "--no-gradient-checkpointing"]
+    assert main(args) == EXIT_OK
+    output = capsys.readouterr().out
+    expected = estimate_training_memory(find_entry("qwen2.5-7b").shape, quant="8bit", rank=64, max_len=1024,
+                                        batch_size=2, gradient_checkpointing=False, device="cpu")
+    assert total_line(output) == round(expected.total_gb, 2)
+    assert f"{expected.lora_param_count:,} trainable" in output
+    assert "gradient checkpointing off" in output
+
+
+def test_estimate_reads_a_local_model_folder(tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True).save_pretrained(tmp_path)
+    assert main(["estimate", "--base", str(tmp_path), "--max-len", "256"]) == EXIT_OK
+    output = capsys.readouterr().out
+    shape_total = estimate_training_memory(
+        __import__("app.core.catalogue", fromlist=["ModelShape"]).ModelShape(
+            architecture="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=64, vocab_size=32000, tie_word_embeddings=True,
+            max_position_embeddings=json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"],
+        ), max_len=256, device="cpu").total
+    assert total_line(output) == round(shape_total / GB, 2)
+    assert tmp_path.name in output
+
+
+def test_estimate_unknown_base_is_bad_input_listing_the_catalogue(capsys):
+    assert main(["estimate", "--base", "not-a-model"]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert "'not-a-model'" in error
+    assert "smollm2-135m" in error and "phi3.5-mini" in error
+
+
+def test_estimate_folder_without_config_is_bad_input(tmp_path, capsys):
+    assert main(["estimate", "--base", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_estimate_bad_numbers_and_choices_are_bad_input(capsys):
+    assert main(["estimate", "--rank", "0"]) == EXIT_BAD_INPUT
+    assert "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses unknown choices itself, with the same code
+        main(["estimate", "--quant", "2bit"])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    assert "--quant" in capsys.readouterr().err
+
+
+def test_doctor_reports_the_machine_in_plain_words(tmp_path, capsys):
+    library = tmp_path / "my-library"
+    assert main(["doctor", "--library", str(library)]) == EXIT_OK
+    output = capsys.readouterr().out
+    assert re.search(r"^Python 3\.\d+", output, re.MULTILINE)
+    assert "PyTorch" in output and "CUDA is not available" in output
+    assert re.search(r"^bitsandbytes \S+: 4-bit \(NF4\) quantisation works on the CPU\.$", output, re.MULTILINE)
+    assert "No NVIDIA GPU found — training runs on the CPU" in output
+    assert "System RAM:" in output
+    assert "Bundled model: SmolLM2-135M-Instruct is installed" in output
+    assert f"Library: {library} (created on first use)" in output
+
+
+def test_doctor_reports_a_broken_4bit_path_instead_of_crashing(monkeypatch, capsys):
+    import app.cli.doctor_cmd as doctor
+
+    def broken(device):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(doctor, "check_4bit", broken)
+    assert main(["doctor"]) == EXIT_OK
+    assert "does NOT work on the CPU (RuntimeError: no kernel image is available)" in capsys.readouterr().out

@@ -1,0 +1,336 @@
+"""The memory estimate against real models: peft's own parameter counts, a real 4-bit model's bytes and the tensors
+autograd really saves, plus the auto-fit rules the memory review relies on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from app.core.catalogue import ModelShape, find_entry
+from app.core.errors import TailorError
+from app.core.estimate import (
+    FITS, GB, MAX_LEN_FLOOR, TIGHT, WONT_FIT, auto_fit, estimate_training_memory, select_targets, verdict,
+)
+
+# Odd sizes on purpose (heads != kv heads, intermediate not a multiple of hidden) so a swapped in/out or a
+# forgotten term cannot cancel out.
+TINY = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+            vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(kind: str):
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+    return {
+        "llama": lambda: LlamaConfig(**TINY),
+        "qwen2-tied": lambda: Qwen2Config(**TINY, tie_word_embeddings=True),
+        "mistral": lambda: MistralConfig(**TINY),
+        "gemma2": lambda: Gemma2Config(**TINY, head_dim=24),
+        "phi3": lambda: Phi3Config(**TINY),
+    }[kind]()
+
+
+def peft_trainable(config, rank: int, target_modules) -> int:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules, task_type="CAUSAL_LM"))
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+KINDS = ("llama", "qwen2-tied", "mistral", "gemma2", "phi3")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_model_parameter_count_is_exact(kind):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(kind)
+    assert ModelShape.from_hf_config(config).parameter_count == AutoModelForCausalLM.from_config(config).num_parameters()
+
+
+@pytest.mark.parametrize("rank", (1, 8, 16))
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_count_equals_peft_for_all_linear(kind, rank):
+    config = tiny_config(kind)
+    estimate = estimate_training_memory(ModelShape.from_hf_config(config), rank=rank, target_modules=("all-linear",))
+    assert estimate.lora_param_count == peft_trainable(config, rank, "all-linear")
+
+
+@pytest.mark.parametrize("rank", (4, 32))
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_count_equals_peft_for_named_modules(kind, rank):
+    config = tiny_config(kind)
+    targets = ["qkv_proj", "down_proj"] if kind == "phi3" else ["q_proj", "v_proj"]
+    estimate = estimate_training_memory(ModelShape.from_hf_config(config), rank=rank, target_modules=targets)
+    assert estimate.lora_param_count == peft_trainable(config, rank, targets)
+
+
+def test_lora_count_for_a_real_catalogue_model():
+    """Qwen2.5-0.5B at rank 16 on all linears: peft reports 8,798,208 trainable parameters."""
+    assert estimate_training_memory(find_entry("qwen2.5-0.5b").shape, rank=16).lora_param_count == 8_798_208
+
+
+def test_target_names_are_matched_like_peft_and_unknown_ones_refused():
+    shape = find_entry("smollm2-135m").shape
+    assert [layer.name for layer in select_targets(shape, ("self_attn.q_proj", "v_proj"))] == ["q_proj", "v_proj"]
+    assert len(select_targets(shape, "all-linear")) == 7
+    with pytest.raises(TailorError, match="qkv_proj"):
+        select_targets(shape, ["qkv_proj"])
+    with pytest.raises(TailorError, match="q_proj"):
+        estimate_training_memory(find_entry("phi3.5-mini").shape, target_modules=["q_proj"])
+
+
+def test_bad_settings_are_refused():
+    shape = find_entry("smollm2-135m").shape
+    with pytest.raises(TailorError):
+        estimate_training_memory(shape, quant="3bit")
+    with pytest.raises(TailorError):
+        estimate_training_memory(shape, device="tpu")
+    with pytest.raises(TailorError):
+        estimate_training_memory(shape, batch_size=0)
+
+
+def test_breakdown_adds_up_and_follows_the_settings():
+    shape = find_entry("llama3.2-1b").shape
+    estimate = estimate_training_memory(shape, rank=16, max_len=512, batch_size=4, device="cuda")
+    assert estimate.total == sum(amount for _, amount in estimate.rows())
+    assert estimate.total_gb == pytest.approx(estimate.total / GB)
+    assert dict(estimate.rows())["CUDA context"] == GB // 2
+    assert estimate.adapter_weights == 4 * estimate.lora_param_count
+    assert estimate.gradients == 4 * estimate.lora_param_count
+    assert estimate.optimizer_states == 8 * estimate.lora_param_count
+    # bf16 logits plus three fp32 copies for every position of the batch.
+    assert estimate.logits == 4 * 512 * shape.vocab_size * (2 + 12)
+
+    on_cpu = estimate_training_memory(shape, rank=16, max_len=512, batch_size=4, device="cpu")
+    assert on_cpu.cuda_context == 0
+    assert "CUDA context" not in dict(on_cpu.rows())
+    assert on_cpu.logits == 4 * 512 * shape.vocab_size * (4 + 12)
+
+    quantised = [estimate_training_memory(shape, quant=quant).base_weights for quant in ("4bit", "8bit", "none")]
+    assert quantised == sorted(quantised)
+    # 4-bit: embeddings (tied, so once) stay bf16, the 973M block weights take about 0.516 bytes each.
+    expected_4bit = shape.embedding_count() * 2 + shape.num_hidden_layers * shape.block_linear_weight_count() * 0.516
+    assert quantised[0] == pytest.approx(expected_4bit, rel=0.01)
+
+    with_checkpointing = estimate_training_memory(shape, gradient_checkpointing=True)
+    without = estimate_training_memory(shape, gradient_checkpointing=False)
+    assert with_checkpointing.activations < without.activations / 4
+    longer = estimate_training_memory(shape, max_len=1024, gradient_checkpointing=False)
+    assert longer.activations > 2 * without.activations * 0.9
+    assert estimate_training_memory(shape, rank=64).adapter_weights == 4 * estimate_training_memory(shape, rank=16).adapter_weights
+
+
+def test_untied_head_is_counted_and_tied_head_is_not():
+    untied = find_entry("qwen2.5-7b").shape
+    tied = ModelShape(**{**untied.__dict__, "tie_word_embeddings": True})
+    difference = estimate_training_memory(untied).base_weights - estimate_training_memory(tied).base_weights
+    assert difference == untied.vocab_size * untied.hidden_size * 2
+
+
+def test_verdict_thresholds():
+    assert verdict(80, 100) == FITS
+    assert verdict(85, 100) == TIGHT
+    assert verdict(100, 100) == TIGHT
+    assert verdict(101, 100) == WONT_FIT
+
+
+def _estimate(shape, **settings):
+    return estimate_training_memory(shape, device="cuda", **settings)
+
+
+def test_auto_fit_keeps_settings_that_already_fit():
+    shape = find_entry("smollm2-135m").shape
+    suggestion = auto_fit(shape, 80 * GB, batch_size=8, max_len=512)
+    assert (suggestion.batch_size, suggestion.grad_accum, suggestion.max_len) == (8, 1, 512)
+    assert not suggestion.gradient_checkpointing
+    assert suggestion.changes == ()
+
+
+def test_auto_fit_turns_on_checkpointing_first():
+    shape = find_entry("qwen2.5-1.5b").shape
+    needed = _estimate(shape, batch_size=8, max_len=512, gradient_checkpointing=True).total
+    suggestion = auto_fit(shape, int(needed / 0.84), batch_size=8, max_len=512)
+    assert suggestion.gradient_checkpointing
+    assert (suggestion.batch_size, suggestion.grad_accum, suggestion.max_len) == (8, 1, 512)
+    assert verdict(suggestion.estimate.total, int(needed / 0.84)) == FITS
+    assert any("checkpointing" in change for change in suggestion.changes)
+
+
+def test_auto_fit_then_halves_the_batch_keeping_the_effective_batch():
+    shape = find_entry("qwen2.5-1.5b").shape
+    available = int(_estimate(shape, batch_size=2, max_len=512, gradient_checkpointing=True).total / 0.84)
+    suggestion = auto_fit(shape, available, batch_size=8, grad_accum=2, max_len=512)
+    assert (suggestion.batch_size, suggestion.grad_accum, suggestion.max_len) == (2, 8, 512)
+    assert suggestion.batch_size * suggestion.grad_accum == 16
+    assert suggestion.estimate == _estimate(shape, batch_size=2, max_len=512, gradient_checkpointing=True)
+
+
+def test_auto_fit_shortens_examples_last_and_not_below_the_floor():
+    shape = find_entry("qwen2.5-1.5b").shape
+    available = int(_estimate(shape, batch_size=1, max_len=512, gradient_checkpointing=True).total / 0.84)
+    suggestion = auto_fit(shape, available, batch_size=4, max_len=2048)
+    assert (suggestion.batch_size, suggestion.grad_accum, suggestion.max_len) == (1, 4, 512)
+    assert any("2048 → 512" in change for change in suggestion.changes)
+
+    floor = _estimate(shape, batch_size=1, max_len=MAX_LEN_FLOOR, gradient_checkpointing=True).total
+    with pytest.raises(TailorError, match="smallest settings"):
+        auto_fit(shape, int(floor * 0.9), batch_size=4, max_len=2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory):
+    """A random Llama big enough that fixed overheads are small: hidden 256, 4 blocks, 1000 tokens, untied head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama-4bit")
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def load_4bit(folder):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantisation, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+
+
+def quant_state_bytes(model) -> int:
+    """NF4 scales live in each weight's quant_state, which get_memory_footprint does not see."""
+    import bitsandbytes as bnb
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            total += state.absmax.nbytes + state.code.nbytes
+            if state.nested:
+                total += state.state2.absmax.nbytes + state.state2.code.nbytes
+    return total
+
+
+def test_estimate_matches_a_real_4bit_model_on_cpu(tiny_llama_folder):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_folder))
+    batch, length = 2, 64
+    estimate = estimate_training_memory(shape, quant="4bit", rank=16, max_len=length, batch_size=batch,
+                                        gradient_checkpointing=False, device="cpu")
+    assert estimate.logits == batch * length * shape.vocab_size * 16  # fp32 logits plus three fp32 copies
+
+    model = load_4bit(tiny_llama_folder)
+    base_real = model.get_memory_footprint() + quant_state_bytes(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    adapter_real = sum(parameter.nbytes for parameter in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    tokens = torch.randint(3, shape.vocab_size, (batch, length))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    gradients_real = sum(parameter.grad.nbytes for parameter in trainable)
+    optimizer.step()
+    optimizer_real = sum(value.nbytes for state in optimizer.state.values() for value in state.values()
+                         if torch.is_tensor(value))
+
+    assert estimate.lora_param_count == sum(parameter.numel() for parameter in trainable)
+    assert estimate.adapter_weights == adapter_real
+    assert estimate.gradients == gradients_real
+    assert estimate.optimizer_states == pytest.approx(optimizer_real, rel=0.01)
+    assert estimate.base_weights == pytest.approx(base_real, rel=0.05)
+    weights_estimate = estimate.base_weights + estimate.adapter_weights + estimate.optimizer_states
+    assert weights_estimate == pytest.approx(base_real + adapter_real + optimizer_real, rel=0.15)
+
+
+def test_activation_estimate_covers_what_autograd_saves(tiny_llama_folder):
+    """Every tensor autograd keeps for the backward pass through the decoder, counted once per storage and
+    without the weights, must fit in the estimate, and the estimate must not be wildly above it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_folder))
+    batch, length = 4, 128
+    model = get_peft_model(load_4bit(tiny_llama_folder),
+                           LoraConfig(r=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(3, shape.vocab_size, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0  # padding, so the attention mask is a real tensor as in training
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.get_base_model().get_decoder()(input_ids=tokens, attention_mask=mask)
+    measured = sum(saved.values())
+
+    estimate = estimate_training_memory(shape, quant="4bit", rank=16, max_len=length, batch_size=batch,
+                                        gradient_checkpointing=False, device="cpu")
+    assert measured <= estimate.activations <= 1.6 * measured
+
+
+@pytest.mark.gpu
+def test_estimate_is_above_real_peak_on_cuda(tmp_path):
+    """A few real QLoRA steps of a SmolLM2-135M-shaped model on the GPU must peak below the estimate, and not far
+    below it. Random weights: the shape is all that matters for memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU with CUDA")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    shape = find_entry("smollm2-135m").shape
+    config = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+                         num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
+                         vocab_size=shape.vocab_size, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+
+    batch, length = 8, 512
+    quantisation = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantisation, dtype=torch.bfloat16,
+                                                 device_map={"": "cuda"})
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    for _ in range(3):
+        tokens = torch.randint(3, shape.vocab_size, (batch, length), device="cuda")
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated()
+
+    estimate = estimate_training_memory(shape, quant="4bit", rank=16, max_len=length, batch_size=batch,
+                                        gradient_checkpointing=True, device="cuda")
+    # max_memory_allocated never sees the CUDA context, so compare without it.
+    without_context = estimate.total - estimate.cuda_context
+    assert peak <= without_context <= 3 * peak

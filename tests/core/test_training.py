@@ -1,0 +1,180 @@
+"""The training loop on a tiny random Llama in real 4-bit: events, masking-aware loss, stop, pause, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
+from app.core.errors import TailorError
+from app.core.library import Library
+from app.core.training import (
+    FinishedEvent, PausedEvent, StartEvent, StepEvent, TrainingControl, collate, group_batches,
+    interrupted_run_progress, run_training, trained_token_loss,
+)
+
+
+def tiny_config(base: Path, data: Path, name: str = "tiny", **training) -> RunConfig:
+    options = {"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "checkpoint_every": 2, **training}
+    return RunConfig(name=name, system_prompt="You are a pirate.", model=ModelSource(base=str(base), quant="4bit"),
+                     data=DataSettings(path=str(data), max_len=128), lora=LoraSettings(rank=4, alpha=8),
+                     training=TrainingSettings(**options))
+
+
+def test_trains_4bit_and_publishes_a_peft_adapter_with_manifest(tiny_base, chat_jsonl, tmp_path):
+    library = Library(tmp_path / "lib")
+    events = []
+    result = run_training(tiny_config(tiny_base, chat_jsonl), library, events.append)
+
+    assert result.steps == 4 and not result.paused and not result.stopped_early
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    assert [e.step for e in steps][-1] == 4 and all(e.tokens_per_s > 0 and e.memory_bytes > 0 for e in steps)
+    assert isinstance(events[-1], FinishedEvent)
+    start = next(e for e in events if isinstance(e, StartEvent))
+    assert start.device == "cpu" and start.trainable_params > 0
+
+    folder = library.adapters_dir / "tiny"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tailor.json", "training_log.json"} <= {p.name for p in folder.iterdir()}
+    manifest = json.loads((folder / "tailor.json").read_text())
+    assert manifest["system_prompt"] == "You are a pirate."
+    assert manifest["dataset"]["rows"] == 16 and len(manifest["dataset"]["fingerprint"]) == 16
+    assert manifest["config"]["lora"]["rank"] == 4 and manifest["final_loss"] == pytest.approx(steps[-1].loss)
+    assert len(manifest["base_model"]["fingerprint"]) == 16
+    assert not library.run_dir("tiny").exists(), "a finished run leaves no run folder behind"
+    assert not list((library.root / ".staging").iterdir())
+
+    # The base weights must really be 4-bit while only the LoRA matrices learn.
+    from app.core.models import load_model
+    import bitsandbytes as bnb
+
+    model = load_model(tiny_base, "4bit", "cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_loss_falls_on_repeated_data(tiny_base, chat_jsonl, tmp_path):
+    result = run_training(tiny_config(tiny_base, chat_jsonl, max_steps=12, learning_rate=1e-2), Library(tmp_path / "lib"))
+    log = result.adapter.training_log()
+    # A random tiny model cannot learn much through rank-4 adapters, but the drop is well beyond noise.
+    assert log[-1]["loss"] < log[0]["loss"] - 0.3
+
+
+def test_loss_ignores_padding_and_masked_tokens(tiny_base):
+    """The same example alone or padded inside a batch must give the same summed loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from app.core.data import Example
+    from app.core.models import load_model
+
+    model = get_peft_model(load_model(tiny_base, "none", "cpu"), LoraConfig(r=4, target_modules="all-linear")).eval()
+    short = Example([5, 6, 7, 8], [-100, -100, 7, 8])
+    long = Example([9, 10, 11, 12, 13, 14, 15], [-100, 10, 11, 12, 13, 14, 15])
+    with torch.no_grad():
+        alone, count_alone = trained_token_loss(model, collate([short], 2, packing=False), "cpu")
+        padded, count_padded = trained_token_loss(model, collate([short, long], 2, packing=False), "cpu")
+        long_alone, _ = trained_token_loss(model, collate([long], 2, packing=False), "cpu")
+        packed, count_packed = trained_token_loss(model, collate([short, long], 2, packing=True), "cpu")
+    assert count_alone == 2 and count_padded == count_packed == 2 + 6
+    assert float(padded) == pytest.approx(float(alone) + float(long_alone), rel=1e-4)
+    # Packed examples must not see each other: attention restarts at every example's first position.
+    assert float(packed) == pytest.approx(float(padded), rel=1e-4)
+
+
+def test_length_grouping_is_deterministic_and_covers_every_example():
+    lengths = [((i * 37) % 101) + 1 for i in range(200)]
+    batches = group_batches(lengths, 8, seed=3, epoch=1)
+    assert batches == group_batches(lengths, 8, seed=3, epoch=1)
+    assert batches != group_batches(lengths, 8, seed=3, epoch=2)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding / sum(lengths) < 0.15, "length grouping should leave little padding"
+
+
+def test_stop_saves_the_adapter_trained_so_far(tiny_base, chat_jsonl, tmp_path):
+    control = TrainingControl()
+    stopped_at = []
+
+    def sink(event):
+        # Step events are throttled to ~10/s, so stop at the first one seen rather than at a fixed step.
+        if isinstance(event, StepEvent) and not stopped_at:
+            stopped_at.append(event.step)
+            control.request_stop()
+
+    result = run_training(tiny_config(tiny_base, chat_jsonl, max_steps=10), Library(tmp_path / "lib"), sink, control)
+    assert result.stopped_early and result.steps == stopped_at[0] < 10
+    assert (result.adapter.path / "adapter_model.safetensors").is_file()
+    assert result.adapter.manifest["steps"] == stopped_at[0] and result.adapter.manifest["planned_steps"] == 10
+
+
+def test_pause_then_resume_reaches_the_same_step_count(tiny_base, chat_jsonl, tmp_path):
+    library = Library(tmp_path / "lib")
+    control = TrainingControl()
+    events = []
+
+    def sink(event):
+        events.append(event)
+        if isinstance(event, StepEvent):
+            control.request_pause()
+
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=6, checkpoint_every=100)
+    paused = run_training(config, library, sink, control)
+    paused_at = paused.steps
+    assert paused.paused and paused.adapter is None and isinstance(events[-1], PausedEvent) and paused_at < 6
+    assert library.interrupted_runs() == ["tiny"] and interrupted_run_progress(library, "tiny") == (paused_at, 6)
+
+    with pytest.raises(TailorError, match="interrupted run"):
+        run_training(config, library)  # forgetting --resume must not throw the progress away
+
+    resumed_events = []
+    resumed = run_training(config, library, resumed_events.append, resume=True)
+    start = next(e for e in resumed_events if isinstance(e, StartEvent))
+    assert start.start_step == paused_at and resumed.steps == 6
+    assert [entry["step"] for entry in resumed.adapter.training_log()] == [1, 2, 3, 4, 5, 6]
+    assert library.interrupted_runs() == []
+
+
+def test_resume_without_a_run_is_a_clear_error(tiny_base, chat_jsonl, tmp_path):
+    with pytest.raises(TailorError, match="no interrupted run"):
+        run_training(tiny_config(tiny_base, chat_jsonl), Library(tmp_path / "lib"), resume=True)
+
+
+def test_existing_adapter_is_never_overwritten(tiny_base, chat_jsonl, tmp_path):
+    library = Library(tmp_path / "lib")
+    run_training(tiny_config(tiny_base, chat_jsonl, max_steps=1), library)
+    before = (library.adapters_dir / "tiny" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(TailorError, match="already exists"):
+        run_training(tiny_config(tiny_base, chat_jsonl, max_steps=1), library)
+    assert (library.adapters_dir / "tiny" / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_from_the_command_line(tiny_base, chat_jsonl, tmp_path):
+    """A hard kill mid-run loses at most the steps since the last checkpoint; --resume ends at the planned step."""
+    env = {**os.environ, "TAILOR_HOME": str(tmp_path / "lib")}
+    command = [sys.executable, "-m", "app.cli", "train", "--data", str(chat_jsonl), "--base", str(tiny_base),
+               "--name", "killed", "--max-steps", "400", "--batch-size", "2", "--rank", "4", "--max-len", "64",
+               "--checkpoint-every", "5"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    library = Library(tmp_path / "lib")
+    deadline = time.monotonic() + 240
+    while interrupted_run_progress(library, "killed")[0] < 10 and time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    reached, total = interrupted_run_progress(library, "killed")
+    assert reached >= 10 and total == 400 and not library.exists("killed")
+
+    finished = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr
+    manifest = library.get("killed").manifest
+    assert manifest["steps"] == 400
+    steps = [entry["step"] for entry in library.get("killed").training_log()]
+    assert steps == list(range(1, 401))
