@@ -26,3 +26,17 @@ def cache_home() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def resources_dir() -> Path:
+    """The shipped resources: beside the package in a source checkout, inside the bundle in the frozen app."""
+    import sys
+
+    frozen_root = getattr(sys, "_MEIPASS", None)
+    if frozen_root:
+        return Path(frozen_root) / "resources"
+    return Path(__file__).resolve().parents[2] / "resources"
+
+
+def sample_dataset(name: str) -> Path:
+    return resources_dir() / "datasets" / name

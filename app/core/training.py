@@ -63,7 +63,9 @@ class StepEvent:
     loss: float
     learning_rate: float
     tokens_per_s: float
-    """Trained-on (non-padding) tokens per second over the last step."""
+    """Real (non-padding) tokens per second over the last step."""
+    tokens_seen: int
+    """Real tokens processed since this session of the run started (a resumed run counts from the resume)."""
     elapsed_s: float
     eta_s: float
     memory_bytes: int
@@ -362,7 +364,7 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
     pad_id = tokenizer.pad_token_id
     sink(StartEvent(total_steps, step, len(examples), device, sum(p.numel() for p in trainable)))
     model.train()
-    started, last_event, steps_this_session = time.monotonic(), 0.0, 0
+    started, last_event, steps_this_session, tokens_seen = time.monotonic(), 0.0, 0, 0
     prior_elapsed = state["elapsed_s"] if state else 0.0
 
     def checkpoint_state() -> dict:
@@ -395,6 +397,7 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_this_session += 1
+        tokens_seen += real_tokens
         loss = loss_total / step_tokens
         learning_rate = scheduler.get_last_lr()[0]
         history.append({"step": step, "loss": loss, "lr": learning_rate})
@@ -404,7 +407,7 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
             last_event = now
             seconds_per_step = (now - started) / steps_this_session
             sink(StepEvent(step=step, total_steps=total_steps, epoch=step / steps_per_epoch, loss=loss,
-                           learning_rate=learning_rate, tokens_per_s=real_tokens / max(now - step_started, 1e-9),
+                           learning_rate=learning_rate, tokens_per_s=real_tokens / max(now - step_started, 1e-9), tokens_seen=tokens_seen,
                            elapsed_s=prior_elapsed + now - started, eta_s=seconds_per_step * (total_steps - step),
                            memory_bytes=_memory_bytes(device)))
         if step % training.checkpoint_every == 0 and step < total_steps:
