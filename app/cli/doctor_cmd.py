@@ -39,7 +39,8 @@ def check_4bit(device: str) -> None:
     import torch
 
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, compress_statistics=True,
+                              quant_type="nf4")
     dense = layer.weight.data.clone()
     layer = layer.to(device)  # moving the weight to its device is what quantises it
     inputs = torch.randn(4, 64)

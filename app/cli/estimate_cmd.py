@@ -58,6 +58,7 @@ def _count(parameters: int) -> str:
 def run(args) -> int:
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from app.core.gpu import free_memory_bytes
@@ -71,7 +72,7 @@ def run(args) -> int:
 
     console = Console()
     # soft_wrap: let the terminal wrap plain lines, so copied output and grep see whole lines.
-    console.print(f"{name}: {_count(shape.parameter_count)} parameters, {args.quant}, on the {device.upper()}",
+    console.print(f"{escape(name)}: {_count(shape.parameter_count)} parameters, {args.quant}, on the {device.upper()}",
                   soft_wrap=True)
     console.print(f"LoRA rank {args.rank} ({estimate.lora_param_count:,} trainable), batch {args.batch_size} x "
                   f"{args.max_len} tokens, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",

@@ -43,7 +43,7 @@ class SystemSnapshot:
     message: str = ""
     """Plain words on what is missing or went wrong (no GPU, contact lost); empty when all is well."""
     is_error: bool = False
-    """True when a GPU that was there stopped answering, as opposed to there being none."""
+    """True when NVML failed on a GPU that is there (contact lost, or unreadable), as opposed to there being none."""
 
 
 class GpuMonitor:

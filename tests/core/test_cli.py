@@ -81,6 +81,8 @@ def test_train_chat_and_manage_with_the_real_bundled_model(tmp_path, smollm2_fol
     assert result.returncode == 0, result.stderr
     assert "Saved adapter 'pirate'" in result.stdout
 
+    assert_loads_in_plain_peft_and_changes_logits(home / "adapters" / "pirate", smollm2_folder)
+
     reply = tailor("chat", "--adapter", "pirate", "--prompt", "Hello!", "--max-new-tokens", "12", home=home)
     assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
     again = tailor("chat", "--adapter", "pirate", "--prompt", "Hello!", "--max-new-tokens", "12", home=home)
@@ -97,3 +99,22 @@ def test_train_chat_and_manage_with_the_real_bundled_model(tmp_path, smollm2_fol
 
     report = tailor("data", "check", str(data), home=home)
     assert report.returncode == 0 and "Format: openai" in report.stdout and "Rows: 160" in report.stdout
+
+
+def assert_loads_in_plain_peft_and_changes_logits(adapter: Path, base_folder: Path) -> None:
+    """What someone without Tailor would do with the adapter folder: plain transformers + peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "How are you today?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+        tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
+        tuned_logits = tuned(**inputs).logits
+    assert (tuned_logits - base_logits).abs().max() > 0.1, "the trained adapter must change the model's output"

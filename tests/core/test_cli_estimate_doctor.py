@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
 from app.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from app.core.catalogue import find_entry
-from app.core.estimate import GB, estimate_training_memory
+from app.core.catalogue import ModelShape, find_entry
+from app.core.estimate import estimate_training_memory
 
 
 def total_line(output: str) -> float:
@@ -45,17 +44,25 @@ def test_estimate_reads_a_local_model_folder(tmp_path, capsys):
     from transformers import Qwen2Config
 
     Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True).save_pretrained(tmp_path)
+                num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True,
+                max_position_embeddings=4096).save_pretrained(tmp_path)
     assert main(["estimate", "--base", str(tmp_path), "--max-len", "256"]) == EXIT_OK
     output = capsys.readouterr().out
-    shape_total = estimate_training_memory(
-        __import__("app.core.catalogue", fromlist=["ModelShape"]).ModelShape(
-            architecture="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=64, vocab_size=32000, tie_word_embeddings=True,
-            max_position_embeddings=json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"],
-        ), max_len=256, device="cpu").total
-    assert total_line(output) == round(shape_total / GB, 2)
+    shape = ModelShape(architecture="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=32000,
+                       tie_word_embeddings=True, max_position_embeddings=4096)
+    assert total_line(output) == round(estimate_training_memory(shape, max_len=256, device="cpu").total_gb, 2)
     assert tmp_path.name in output
+    assert "rough guide" not in output
+
+
+def test_estimate_warns_about_an_unknown_block_layout(tmp_path, capsys):
+    from transformers import Qwen3Config
+
+    Qwen3Config(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000).save_pretrained(tmp_path)
+    assert main(["estimate", "--base", str(tmp_path)]) == EXIT_OK
+    assert "'qwen3' block layout" in capsys.readouterr().out
 
 
 def test_estimate_unknown_base_is_bad_input_listing_the_catalogue(capsys):
