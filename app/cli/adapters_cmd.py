@@ -1,10 +1,12 @@
-"""`tailor adapters list|show|rename|delete|empty-trash`: manage the library."""
+"""`tailor adapters list|show|add|rename|delete|empty-trash`: manage the library."""
 
 from __future__ import annotations
 
 import json
 
 from rich.table import Table
+
+from app.core.library import human_size
 
 
 def register(subparsers, common) -> None:
@@ -15,6 +17,10 @@ def register(subparsers, common) -> None:
     show = actions.add_parser("show", parents=[common], help="show an adapter's manifest")
     show.add_argument("name")
     show.set_defaults(handler=show_adapter)
+    add = actions.add_parser("add", parents=[common], help="copy a PEFT LoRA folder made by another tool into the library")
+    add.add_argument("folder", help="folder with adapter_config.json and adapter_model.safetensors")
+    add.add_argument("--name", help="name in the library (default: the folder's name)")
+    add.set_defaults(handler=add_adapter)
     rename = actions.add_parser("rename", parents=[common], help="rename an adapter")
     rename.add_argument("old")
     rename.add_argument("new")
@@ -23,10 +29,6 @@ def register(subparsers, common) -> None:
     delete.add_argument("name")
     delete.set_defaults(handler=delete_adapter)
     actions.add_parser("empty-trash", parents=[common], help="permanently remove trashed adapters").set_defaults(handler=empty_trash)
-
-
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 1e5 else f"{num_bytes / 1e3:.0f} kB"
 
 
 def list_adapters(args) -> int:
@@ -38,16 +40,13 @@ def list_adapters(args) -> int:
         console.print(f"No adapters yet in {library.root}. Train one with: tailor train --data FILE")
         return 0
     table = Table(title=f"Adapters in {library.root}")
-    for column in ("name", "base model", "rank", "size", "created", "final loss", "rows", "status"):
+    for column in ("name", "kind", "base model", "rank", "size", "created", "final loss", "rows", "status"):
         table.add_column(column)
     for entry in entries:
-        manifest = entry.manifest or {}
-        lora = manifest.get("config", {}).get("lora", {})
-        loss = manifest.get("final_loss")
-        table.add_row(entry.name, manifest.get("base_model", {}).get("id", "?"), str(lora.get("rank", "?")),
-                      _size(entry.size_bytes), manifest.get("created", "?")[:16].replace("T", " "),
-                      f"{loss:.3f}" if isinstance(loss, (int, float)) else "-",
-                      str(manifest.get("dataset", {}).get("rows", "-")),
+        table.add_row(entry.name, entry.kind, entry.base_model_id or "?", str(entry.rank or "?"),
+                      human_size(entry.size_bytes), entry.created or "?",
+                      f"{entry.final_loss:.3f}" if entry.final_loss is not None else "-",
+                      str(entry.dataset_rows or "-"),
                       "ok" if entry.ok else f"[red]damaged: {entry.problem}[/]")
     console.print(table)
     for name in library.interrupted_runs():
@@ -59,10 +58,22 @@ def show_adapter(args) -> int:
     from app.cli.common import console, open_library
 
     entry = open_library(args).get(args.name)
-    console.print(f"[bold]{entry.name}[/]  {entry.path}  ({_size(entry.size_bytes)})")
+    console.print(f"[bold]{entry.name}[/]  {entry.path}  ({human_size(entry.size_bytes)})")
     if entry.problem:
         console.print(f"[red]Damaged: {entry.problem}[/]")
     console.print_json(json.dumps(entry.manifest or {"note": "no Tailor manifest (adapter made elsewhere)"}))
+    return 0
+
+
+def add_adapter(args) -> int:
+    from pathlib import Path
+
+    from app.cli.common import console, open_library
+    from app.core.library import add_peft_folder
+
+    folder = Path(args.folder).expanduser()
+    entry = add_peft_folder(open_library(args), folder, args.name or folder.resolve().name)
+    console.print(f"Added '{entry.name}' ({human_size(entry.size_bytes)}, rank {entry.rank}) to the library: {entry.path}")
     return 0
 
 

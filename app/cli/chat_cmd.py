@@ -1,8 +1,10 @@
-"""`tailor chat`: talk to a persona (or the bare base) from the terminal."""
+"""`tailor chat`: talk to a persona (or the bare base) from the terminal; `tailor compare`: one prompt, several
+personas, replies one after another under clear labels."""
 
 from __future__ import annotations
 
-from app.core.chat import BASE, ChatSession, GenerationSettings
+from app.core.chat import BASE, ChatSession, GenerationSettings, base_for
+from app.core.errors import TailorError
 from app.core.library import AdapterEntry, Library
 
 
@@ -10,31 +12,53 @@ def register(subparsers, common) -> None:
     parser = subparsers.add_parser("chat", parents=[common], help="chat with a persona adapter (or 'base')")
     parser.add_argument("--adapter", required=True, help="adapter name from the library, or 'base' for none")
     parser.add_argument("--prompt", help="send one message, print the reply and exit")
+    add_generation_options(parser, default_seed=None)
+    parser.add_argument("--system", help="override the persona's system prompt")
+    add_base_options(parser)
+    parser.set_defaults(handler=run)
+
+    compare = subparsers.add_parser("compare", parents=[common], help="send one prompt to several personas and show each reply")
+    compare.add_argument("--adapters", required=True, metavar="A,B,…",
+                         help="comma-separated choices: adapter names from the library, 'base' for no adapter")
+    compare.add_argument("--prompt", required=True, help="the message every choice answers")
+    add_generation_options(compare, default_seed=0)
+    compare.add_argument("--system", help="one system prompt for all (default: each persona's own)")
+    add_base_options(compare)
+    compare.set_defaults(handler=run_compare)
+
+
+def add_generation_options(parser, default_seed: int | None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
     parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, help="fix the sampling for repeatable replies")
-    parser.add_argument("--system", help="override the persona's system prompt")
-    parser.add_argument("--base", help="base model (default: the one the adapter was trained on, or the bundled one)")
+    parser.add_argument("--seed", type=int, default=default_seed, help="fix the sampling for repeatable replies")
+
+
+def add_base_options(parser) -> None:
+    parser.add_argument("--base", help="base model (default: the one the adapters were made on, or the bundled one)")
     parser.add_argument("--quant", choices=("4bit", "8bit", "none"), help="how to load the base (default: as trained)")
-    parser.set_defaults(handler=run)
-
-
-def base_and_quant_for(entries: list[AdapterEntry], base: str | None, quant: str | None) -> tuple[str, str]:
-    """The base an adapter was trained on (as the user named it then) and the precision it was trained in."""
-    trained_with = next(((e.manifest or {}).get("config", {}).get("model", {}) for e in entries if e.manifest), {})
-    return base or trained_with.get("base", "default"), quant or trained_with.get("quant", "4bit")
 
 
 def open_session(library: Library, names: list[str], base: str | None, quant: str | None) -> tuple[ChatSession, list[AdapterEntry]]:
-    from app.cli.common import console
+    from app.cli.common import errors
 
     entries = [library.get_usable(name) for name in names if name != BASE]
-    base, quant = base_and_quant_for(entries, base, quant)
-    session = ChatSession(base, quant, progress=lambda message: console.print(f"[dim]{message}[/]"))
+    base, quant = base_for(entries, base, quant)
+    # Progress goes to stderr so that stdout carries only the replies (scripts pipe them).
+    session = ChatSession(base, quant, progress=lambda message: errors.print(f"[dim]{message}[/]"))
     for entry in entries:
         session.load_adapter(entry)
     return session, entries
+
+
+def parse_choices(text: str) -> list[str]:
+    choices = [BASE if choice.strip().lower() == BASE else choice.strip() for choice in text.split(",") if choice.strip()]
+    if not choices:
+        raise TailorError("--adapters is empty.", "Name the choices to compare, e.g. --adapters base,pirate,poet")
+    duplicates = sorted({choice for choice in choices if choices.count(choice) > 1})
+    if duplicates:
+        raise TailorError(f"'{duplicates[0]}' is listed twice in --adapters.", "Name each choice once.")
+    return choices
 
 
 def settings_from(args) -> GenerationSettings:
@@ -76,3 +100,18 @@ def run(args) -> int:
             console.print(piece, end="", markup=False, highlight=False)
         console.print()
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def run_compare(args) -> int:
+    from app.cli.common import console, open_library
+
+    choices = parse_choices(args.adapters)
+    settings = settings_from(args)
+    session, _ = open_session(open_library(args), choices, args.base, args.quant)
+    console.print(f"[dim]Same settings for every choice: {settings.describe()}[/]")
+    for choice, reply in session.compare(args.prompt, choices, settings, args.system):
+        console.rule(f"[bold]{choice}[/]" if choice != BASE else "[bold]base[/] (no adapter)", align="left")
+        # Plain print: rich would re-wrap the reply at the console width, changing the model's text.
+        print(reply if reply else "(empty reply)", flush=True)
+    return 0
+

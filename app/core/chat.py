@@ -1,21 +1,33 @@
 """One base model loaded once, many persona adapters on top of it, chosen per message.
 
-Every adapter is loaded into the same PeftModel under its own name; switching persona is `set_adapter`, which
-only flips which low-rank matrices the forward pass uses, so no base weights are reloaded. "base" runs with all
-adapters disabled.
+Every adapter the user opens is loaded into the same PeftModel under its own key, and so is every mix built from
+them; choosing a persona for a message only changes which low-rank matrices the LoRA layers use, so no base weights
+are reloaded. "base" runs with no adapter active at all.
+
+Why switching does not call peft's `set_adapter`: that also flips `requires_grad` on every adapter's every matrix,
+so its cost grows with the number of adapters loaded (about 100 ms with 20 on SmolLM2). For inference only the
+active-adapter list of each LoRA layer matters; `_select` sets just that, in time independent of how many
+personas are open. tests/core/test_chat.py checks it gives exactly the logits `set_adapter` gives.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Protocol
 
-from app.core.errors import AdapterError
-from app.core.library import AdapterEntry
+from app.core.data import with_system_prompt
+from app.core.errors import AdapterError, TailorError
+from app.core.library import AdapterEntry, BaseProfile, adapter_fit
+from app.core.mixing import MixSpec, combine, mix_problem
 from app.core.models import Progress, ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
 
 BASE = "base"
+BASE_LABEL = "Base (no adapter)"
 
 
 @dataclass(frozen=True)
@@ -29,41 +41,125 @@ class GenerationSettings:
     seed: int | None = None
     """Fixes sampling, so compare mode gives every column the same random draws."""
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise TailorError(f"Max new tokens must be at least 1, not {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise TailorError(f"Temperature must be 0 (greedy) or more, not {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise TailorError(f"Top-p must be in (0, 1], not {self.top_p}.")
+
+    def describe(self) -> str:
+        if self.temperature > 0:
+            return f"temperature {self.temperature:g}, top-p {self.top_p:g}, seed {self.seed}, up to {self.max_new_tokens} new tokens"
+        return f"greedy (no randomness), up to {self.max_new_tokens} new tokens"
+
+
+class StopFlag(Protocol):
+    """Anything the generating thread can poll between tokens (a threading.Event, or a request-scoped flag)."""
+
+    def is_set(self) -> bool: ...
+
+
+def conversation_record(history: list[dict[str, str]], system_prompt: str | None) -> dict:
+    """A conversation as one OpenAI-chat training example: {"messages": [system?, user, assistant, ...]}."""
+    if not any(message["role"] == "assistant" and message["content"].strip() for message in history):
+        raise TailorError("This conversation has no reply yet, so there is nothing to learn from.",
+                          "Send a message and let the persona answer before saving.")
+    return {"messages": with_system_prompt(history, system_prompt)}
+
+
+def save_conversation(path: str | Path, history: list[dict[str, str]], system_prompt: str | None) -> Path:
+    """Write the conversation as a one-line JSONL file the training wizard reads as an OpenAI-chat dataset."""
+    path = Path(path).expanduser()
+    path.write_text(json.dumps(conversation_record(history, system_prompt), ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+@contextmanager
+def _cpu_packing_kept(model) -> Iterator[None]:
+    """Keep bitsandbytes' CPU-packed 4-bit layers packed while peft takes state_dicts.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit layer on its first inference pass (about 3x faster)
+    and unpacks it whenever a state_dict is taken, which peft does on every adapter load and save. That round trip
+    re-quantizes the layer's scales, so every load would nudge the base model (logits move by ~1e-3, a random walk)
+    and switching back to a persona would not give the same logits. peft reads only the adapter entries of those
+    state_dicts, so the packed layers are reported as plain while peft works, and stay packed.
+    """
+    packed = [module.weight.quant_state for module in model.modules()
+              if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    for state in packed:
+        state.packing_format_for_cpu = False
+    try:
+        yield
+    finally:
+        for state in packed:
+            state.packing_format_for_cpu = True
+
+
+def base_for(entries: list[AdapterEntry], base: str | None, quant: str | None) -> tuple[str, str]:
+    """The base to load for these adapters: the one asked for, else the one they were made on (as the user named
+    it then, from the first adapter that says), else the bundled model; likewise the precision, 4-bit by default."""
+    made_with_base, made_with_quant = next((entry.trained_with for entry in entries if entry.manifest), (None, None))
+    return base or made_with_base or "default", quant or made_with_quant or "4bit"
+
 
 class ChatSession:
     def __init__(self, base: str = "default", quant: str = "4bit", device: str | None = None,
                  progress: Progress | None = None, trust_remote_code: bool = False):
         self.resolved: ResolvedBase = resolve_base(base, progress)
+        self.quant = quant
         self.device = device or pick_device()
+        self.profile = BaseProfile.from_folder(self.resolved.folder, self.resolved.model_id)
         self.tokenizer = load_tokenizer(self.resolved.folder, trust_remote_code)
         if progress:
             progress(f"Loading {self.resolved.model_id} ({quant}) on {self.device.upper()}…")
         self.base_model = load_model(self.resolved.folder, quant, self.device, trust_remote_code)
         self.base_model.config.use_cache = True
         self.base_model.eval()
-        self._peft_model = None
+        self._warm_up()
+        self.peft_model = None
+        """The PeftModel wrapping `base_model`, created when the first adapter is loaded."""
         self.adapters: dict[str, AdapterEntry] = {}
-        # generate() is not re-entrant on one model: two personas answering at once would race on set_adapter.
-        self._lock = threading.Lock()
+        """Adapters opened from the library, by name."""
+        self.mixes: dict[str, MixSpec] = {}
+        """Mixes built in this session and not saved yet."""
+        # Library names may hold '.' and spaces, which peft's module dicts refuse, so each gets a neutral key.
+        self._keys: dict[str, str] = {}
+        self._key_counter = itertools.count()
+        self._lora_layers: list = []
+        # generate() is not re-entrant on one model: two personas answering at once would race on the selection.
+        self._lock = threading.RLock()
 
     @property
     def model(self):
-        return self._peft_model if self._peft_model is not None else self.base_model
+        return self.peft_model if self.peft_model is not None else self.base_model
+
+    def choices(self) -> list[str]:
+        return [BASE, *self.adapters, *self.mixes]
+
+    def base_description(self) -> dict:
+        """How adapters made on this session's base record it in their manifest."""
+        return {"id": self.resolved.model_id, "source": self.resolved.source, "fingerprint": self.profile.fingerprint,
+                "architecture": self.resolved.config().get("model_type")}
 
     def incompatibility(self, entry: AdapterEntry) -> str | None:
         """Why this adapter cannot be used on the loaded base, or None if it can."""
-        if entry.problem:
-            return f"damaged: {entry.problem}"
-        expected = (entry.manifest or {}).get("base_model", {})
-        if expected.get("fingerprint") and expected["fingerprint"] != self.resolved.fingerprint():
-            return f"trained for {expected.get('id', 'another base model')}, not {self.resolved.model_id}"
-        modules = {name.rsplit(".", 1)[-1] for name, _ in self.base_model.named_modules()}
-        targets = entry.adapter_config().get("target_modules") or []
-        if isinstance(targets, list):
-            missing = sorted(set(targets) - modules)
-            if missing:
-                return f"targets layers this base does not have ({', '.join(missing)})"
+        return adapter_fit(entry, self.profile)
+
+    def system_prompt(self, choice: str) -> str | None:
+        """The persona's own system prompt; a mix speaks with the voice of its most heavily weighted parent."""
+        if choice in self.adapters:
+            return self.adapters[choice].system_prompt
+        if choice in self.mixes:
+            return self.system_prompt(self.mixes[choice].heaviest_parent)
         return None
+
+    def adapter_key(self, choice: str) -> str:
+        if choice not in self._keys:
+            opened = ", ".join(self.choices())
+            raise AdapterError(f"'{choice}' is not open in this chat.", f"Open it first; open now: {opened}.")
+        return self._keys[choice]
 
     def load_adapter(self, entry: AdapterEntry) -> str:
         """Load (once) and return the adapter's name; refuses an adapter that does not fit, with the reason."""
@@ -71,34 +167,97 @@ class ChatSession:
             return entry.name
         reason = self.incompatibility(entry)
         if reason:
-            raise AdapterError(f"Cannot use '{entry.name}' with this base model: {reason}.")
+            raise AdapterError(f"Cannot use '{entry.name}' with {self.resolved.model_id}: {reason}.")
         from peft import PeftModel
 
-        try:
-            if self._peft_model is None:
-                self._peft_model = PeftModel.from_pretrained(self.base_model, str(entry.path), adapter_name=entry.name)
-            else:
-                self._peft_model.load_adapter(str(entry.path), adapter_name=entry.name)
-        except (RuntimeError, ValueError, OSError) as exc:
-            # Tensor shape mismatches surface here when an adapter without a manifest comes from another base.
-            raise AdapterError(f"Cannot use '{entry.name}' with {self.resolved.model_id}: {str(exc).splitlines()[0]}") from exc
-        self._peft_model.eval()
-        self.adapters[entry.name] = entry
+        with self._lock, _cpu_packing_kept(self.base_model):
+            key = self._new_key()
+            try:
+                if self.peft_model is None:
+                    self.peft_model = PeftModel.from_pretrained(self.base_model, str(entry.path), adapter_name=key)
+                else:
+                    self.peft_model.load_adapter(str(entry.path), adapter_name=key)
+            except (RuntimeError, ValueError, OSError, KeyError) as exc:
+                # adapter_fit catches shape mismatches first; this is for what only peft can tell (unknown options…).
+                if self.peft_model is not None and key in self.peft_model.peft_config and len(self.peft_model.peft_config) > 1:
+                    self.peft_model.delete_adapter(key)  # half-injected layers would only hold memory
+                raise AdapterError(f"Cannot use '{entry.name}' with {self.resolved.model_id}: {str(exc).splitlines()[0]}") from exc
+            self.peft_model.eval()
+            self.adapters[entry.name] = entry
+            self._keys[entry.name] = key
+            self._refresh_layers()
         return entry.name
 
-    def prompt_messages(self, history: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
+    def add_mix(self, name: str, spec: MixSpec) -> str:
+        """Build the mix `spec` (over adapters opened here) as a new choice called `name`."""
+        if name in self._keys or name == BASE:
+            raise AdapterError(f"'{name}' is already open in this chat.", "Give the mix another name.")
+        missing = [parent for parent in spec.names if parent not in self.adapters]
+        if missing:
+            raise AdapterError(f"Open {', '.join(missing)} before mixing.")
+        problem = mix_problem(spec, [self.adapters[parent] for parent in spec.names])
+        if problem:
+            raise AdapterError(f"Cannot mix these adapters: {problem}.")
+        with self._lock, _cpu_packing_kept(self.base_model):
+            key = self._new_key()
+            combine(self.peft_model, [self._keys[parent] for parent in spec.names], spec, key)
+            self.mixes[name] = spec
+            self._keys[name] = key
+            self._refresh_layers()
+        return name
+
+    def close(self, choice: str) -> None:
+        """Unload an adapter or mix, freeing its memory; the base and the other choices stay as they are."""
+        key = self.adapter_key(choice)
+        with self._lock, _cpu_packing_kept(self.base_model):
+            self.peft_model.delete_adapter(key)
+            self.adapters.pop(choice, None)
+            self.mixes.pop(choice, None)
+            del self._keys[choice]
+            self._refresh_layers()
+
+    def export_adapter(self, choice: str, folder: Path) -> Path:
+        """Save one open adapter or mix as a plain PEFT folder inside `folder`; returns the folder it wrote."""
+        key = self.adapter_key(choice)
+        with self._lock, _cpu_packing_kept(self.base_model):
+            self.peft_model.save_pretrained(str(folder), selected_adapters=[key])
+        # peft writes an adapter that is not called "default" into a sub-folder named after it.
+        return Path(folder) / key
+
+    def mark_saved(self, name: str, entry: AdapterEntry) -> None:
+        """A mix written to the library is from now on that library adapter (same weights, same key)."""
+        self.mixes.pop(name)
+        self.adapters[name] = entry
+
+    @staticmethod
+    def prompt_messages(history: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+        return with_system_prompt(history, system_prompt)
+
+    def select(self, choice: str) -> None:
+        """Make `choice` (an open adapter, a mix, or BASE) the one the next forward pass uses."""
+        with self._lock:
+            keys = [] if choice == BASE else [self.adapter_key(choice)]
+            # An empty active list makes every LoRA layer return its base layer's output untouched.
+            for layer in self._lora_layers:
+                layer._active_adapter = keys
+            if keys:
+                # peft's generate() looks up the active adapter's config on the model itself.
+                self.peft_model.base_model.active_adapter = keys[0]
 
     def stream(self, messages: list[dict[str, str]], adapter: str = BASE, settings: GenerationSettings = GenerationSettings(),
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: StopFlag | None = None) -> Iterator[str]:
         """Yield the reply piece by piece as it is generated; setting `stop` ends it early."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+        abandoned = threading.Event()
+
         class _StopFlag(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return bool(stop is not None and stop.is_set())
+                return abandoned.is_set() or bool(stop is not None and stop.is_set())
 
+        if adapter != BASE:
+            self.adapter_key(adapter)  # an unknown persona fails here, in the caller's thread, not in generate()
         inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                     return_dict=True).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -116,30 +275,47 @@ class ChatSession:
                 with self._lock, torch.inference_mode():
                     if settings.seed is not None:
                         torch.manual_seed(settings.seed)
-                    self._select(adapter)
-                    if adapter == BASE and self._peft_model is not None:
-                        with self._peft_model.disable_adapter():
-                            self._peft_model.generate(**options)
-                    else:
-                        self.model.generate(**options)
+                    self.select(adapter)
+                    self.model.generate(**options)
             except BaseException as exc:  # re-raised in the consumer's thread below
                 failure.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=run, name="tailor-generate", daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            yield from streamer
+        finally:
+            # A consumer that stops reading (closed generator) must not leave generate() running on.
+            abandoned.set()
+            worker.join()
         if failure:
             raise failure[0]
 
     def reply(self, messages: list[dict[str, str]], adapter: str = BASE, settings: GenerationSettings = GenerationSettings()) -> str:
         return "".join(self.stream(messages, adapter, settings)).strip()
 
-    def _select(self, adapter: str) -> None:
-        if adapter == BASE:
-            return
-        if adapter not in self.adapters:
-            raise AdapterError(f"The adapter '{adapter}' is not loaded in this chat.")
-        self._peft_model.set_adapter(adapter)
+    def compare(self, prompt: str, choices: list[str], settings: GenerationSettings,
+                system_prompt: str | None = None) -> list[tuple[str, str]]:
+        """The same prompt answered by each choice in turn, each with its own system prompt unless one is given,
+        all with the same settings and seed, so the differences come from the adapters alone."""
+        history = [{"role": "user", "content": prompt}]
+        return [(choice, self.reply(self.prompt_messages(history, system_prompt if system_prompt is not None
+                                                         else self.system_prompt(choice)), choice, settings))
+                for choice in choices]
 
+    def _warm_up(self) -> None:
+        """One forward pass now, so one-time work on the first one (bitsandbytes repacks 4-bit layers for the CPU,
+        seconds on a small model) happens while the user sees "Loading" rather than in the first reply."""
+        import torch
+
+        with torch.inference_mode():
+            self.base_model(input_ids=torch.tensor([[self.tokenizer.eos_token_id]], device=self.device))
+
+    def _new_key(self) -> str:
+        return f"persona_{next(self._key_counter)}"
+
+    def _refresh_layers(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._lora_layers = [module for module in self.peft_model.modules() if isinstance(module, BaseTunerLayer)]

@@ -6,7 +6,8 @@ Layout under the library root:
     trash/             deleted adapters, until the trash is emptied
     .staging/          half-written folders; they only become visible by an atomic rename into adapters/
 
-Nothing here loads torch: listing a library of hundreds of adapters must stay instant.
+Nothing here loads torch: listing a library of hundreds of adapters, or checking which of them fit a base model
+(from the safetensors headers alone), must stay instant.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ from typing import Any, Iterator
 
 from app.core.config import validate_adapter_name
 from app.core.errors import AdapterError
+from app.core.models import config_fingerprint
 
 LIBRARY_VERSION = 1
 MANIFEST_NAME = "tailor.json"
 TRAINING_LOG_NAME = "training_log.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+# The files that make up an adapter; anything else in a foreign folder (pickles, scripts, checkpoints) stays behind.
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_NAME, TRAINING_LOG_NAME, "README.md")
+# peft saves a causal LM's tensors under this prefix, followed by the module path as the base model names it.
+_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,45 @@ class AdapterEntry:
     def base_fingerprint(self) -> str | None:
         return ((self.manifest or {}).get("base_model") or {}).get("fingerprint")
 
+    @property
+    def kind(self) -> str:
+        """'trained' here, 'mix' of other adapters, or 'imported' from another tool."""
+        return (self.manifest or {}).get("kind") or ("imported" if self.ok else "unknown")
+
+    @property
+    def base_model_id(self) -> str | None:
+        return ((self.manifest or {}).get("base_model") or {}).get("id")
+
+    @property
+    def trained_with(self) -> tuple[str | None, str | None]:
+        """(base as the user named it, quantisation) the adapter was made with, where the manifest says."""
+        manifest = self.manifest or {}
+        model = (manifest.get("config") or {}).get("model") or {}
+        return (model.get("base") or (manifest.get("base_model") or {}).get("source"),
+                model.get("quant") or manifest.get("quant"))
+
+    @property
+    def created(self) -> str | None:
+        """When the adapter was made, as 'YYYY-MM-DD HH:MM' local time of the machine that made it."""
+        created = (self.manifest or {}).get("created")
+        return created[:16].replace("T", " ") if isinstance(created, str) else None
+
+    @property
+    def final_loss(self) -> float | None:
+        loss = (self.manifest or {}).get("final_loss")
+        return float(loss) if isinstance(loss, (int, float)) else None
+
+    @property
+    def dataset_rows(self) -> int | None:
+        return ((self.manifest or {}).get("dataset") or {}).get("rows")
+
+    @property
+    def rank(self) -> int | None:
+        try:
+            return int(self.adapter_config()["r"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def adapter_config(self) -> dict[str, Any]:
         return json.loads((self.path / ADAPTER_CONFIG).read_text())
 
@@ -76,6 +122,10 @@ def write_json_atomic(path: Path, value: Any) -> None:
         raise
 
 
+def human_size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 1e5 else f"{num_bytes / 1e3:.0f} kB"
+
+
 def folder_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
@@ -90,8 +140,8 @@ def inspect_adapter_folder(path: Path) -> tuple[dict[str, Any] | None, str | Non
         return None, f"{ADAPTER_CONFIG} is damaged: {exc}"
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
-        if (path / "adapter_model.bin").is_file():
-            return None, "weights are a pickle (adapter_model.bin), which can run code; import it to convert"
+        if (path / PICKLE_WEIGHTS).is_file():
+            return None, f"weights are a pickle ({PICKLE_WEIGHTS}), which can run code when loaded"
         return None, f"{ADAPTER_WEIGHTS} is missing"
     problem = _safetensors_problem(weights)
     manifest = None
@@ -103,20 +153,95 @@ def inspect_adapter_folder(path: Path) -> tuple[dict[str, Any] | None, str | Non
     return manifest, problem
 
 
-def _safetensors_problem(weights: Path) -> str | None:
-    """Check the header and that the file is as long as the header says, without loading any tensor."""
-    try:
-        size = weights.stat().st_size
-        with open(weights, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            if header_length <= 0 or 8 + header_length > size:
-                return f"{ADAPTER_WEIGHTS} is truncated or not a safetensors file"
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file (name -> dtype, shape, offsets), checking the file is as long as the
+    header says, without loading any tensor. Raises ValueError naming the problem."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if header_length <= 0 or 8 + header_length > size:
+            raise ValueError(f"{path.name} is truncated or not a safetensors file")
+        try:
             header = json.loads(handle.read(header_length))
-        data_end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
-        if 8 + header_length + data_end > size:
-            return f"{ADAPTER_WEIGHTS} is truncated ({size} bytes, needs {8 + header_length + data_end})"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{ADAPTER_WEIGHTS} is damaged: {exc}"
+            header.pop("__metadata__", None)
+            data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"{path.name} is damaged: {exc}") from exc
+    if 8 + header_length + data_end > size:
+        raise ValueError(f"{path.name} is truncated ({size} bytes, needs {8 + header_length + data_end})")
+    return header
+
+
+def _safetensors_problem(weights: Path) -> str | None:
+    try:
+        safetensors_header(weights)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class BaseProfile:
+    """What decides whether an adapter fits a base model, read from the model's folder without loading it."""
+
+    model_id: str
+    fingerprint: str
+    """Architecture and shapes hash (models.config_fingerprint); adapters record the one they were trained on."""
+    weight_shapes: dict[str, tuple[int, ...]]
+    """Every floating-point weight's shape by name, e.g. 'model.layers.0.self_attn.q_proj.weight' -> (576, 576)."""
+
+    @classmethod
+    def from_folder(cls, folder: Path, model_id: str) -> BaseProfile:
+        folder = Path(folder)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for weights in sorted(folder.glob("*.safetensors")):
+            for name, meta in safetensors_header(weights).items():
+                # Pre-quantised checkpoints store packed integers whose shapes are not the layer's shape.
+                if meta["dtype"] in ("F32", "F16", "BF16"):
+                    shapes[name] = tuple(meta["shape"])
+        config = json.loads((folder / "config.json").read_text())
+        return cls(model_id=model_id, fingerprint=config_fingerprint(config), weight_shapes=shapes)
+
+
+def adapter_fit(entry: AdapterEntry, base: BaseProfile) -> str | None:
+    """Why the adapter cannot run on this base (damaged, trained for another model, shapes that differ), or None.
+
+    The shapes come from the safetensors headers, so an adapter from another tool, without a manifest, is judged
+    as surely as one of ours, and a load never fails half-way on a size mismatch.
+    """
+    if entry.problem:
+        return f"damaged: {entry.problem}"
+    if entry.base_fingerprint and entry.base_fingerprint != base.fingerprint:
+        return f"trained for {entry.base_model_id or 'another base model'}, a different architecture or size than {base.model_id}"
+    try:
+        tensors = safetensors_header(entry.path / ADAPTER_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        return f"damaged: {exc}"
+    missing, mismatched = [], []
+    for key, meta in tensors.items():
+        module, _, part = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
+        if not part or part.startswith("magnitude"):
+            continue
+        base_shape = base.weight_shapes.get(f"{module}.weight")
+        if base_shape is None:
+            missing.append(module)
+            continue
+        # lora_A is (rank, inputs) and lora_B (outputs, rank); an embedding's A/B are the transposes.
+        shape = tuple(meta["shape"])
+        if part.startswith("A"):
+            fits = len(base_shape) == 2 and shape[-1] == base_shape[1]
+        elif part.startswith("B"):
+            fits = len(base_shape) == 2 and shape[0] == base_shape[0]
+        elif part.startswith("embedding_A"):
+            fits = shape[-1] == base_shape[0]
+        else:
+            fits = shape[0] == base_shape[-1]
+        if not fits:
+            mismatched.append(f"{module} ({part.split('.')[0]} {list(shape)} vs layer {list(base_shape)})")
+    if missing:
+        return f"targets {len(set(missing))} layer(s) {base.model_id} does not have, e.g. {sorted(set(missing))[0]}"
+    if mismatched:
+        return f"tensor shapes differ from {base.model_id} in {len(mismatched)} place(s), e.g. {mismatched[0]}"
     return None
 
 
@@ -233,3 +358,50 @@ class Library:
         if not self.runs_dir.is_dir():
             return []
         return sorted(path.name for path in self.runs_dir.iterdir() if (path / "run_config.json").is_file())
+
+
+def add_peft_folder(library: Library, folder: str | os.PathLike, name: str) -> AdapterEntry:
+    """Copy a plain PEFT LoRA folder made by another tool into the library under `name`.
+
+    Only the adapter's own files are copied, into staging first, so the library never shows a half-copied folder.
+    Pickled weights (adapter_model.bin) are refused: loading them can run arbitrary code.
+    """
+    source = Path(folder).expanduser()
+    name = validate_adapter_name(name)
+    if not (source / ADAPTER_CONFIG).is_file():
+        raise AdapterError(f"{source} is not a PEFT adapter folder ({ADAPTER_CONFIG} is missing).",
+                           "Pick the folder that holds adapter_config.json and adapter_model.safetensors.")
+    try:
+        config = json.loads((source / ADAPTER_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{source / ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{source} holds a {config.get('peft_type')} adapter; Tailor works with LoRA adapters only.")
+    if not (source / ADAPTER_WEIGHTS).is_file():
+        if (source / PICKLE_WEIGHTS).is_file():
+            raise AdapterError(f"{source} has only pickled weights ({PICKLE_WEIGHTS}), which can run code when loaded.",
+                               "Convert them to adapter_model.safetensors with the tool that made them, then add the folder again.")
+        raise AdapterError(f"{source} has no {ADAPTER_WEIGHTS}.")
+    problem = _safetensors_problem(source / ADAPTER_WEIGHTS)
+    if problem:
+        raise AdapterError(f"Cannot add {source}: {problem}.")
+    if library.exists(name):
+        raise AdapterError(f"An adapter named '{name}' already exists.", "Pick another name or delete the old one first.")
+    with library.staging() as staged:
+        for file_name in ADAPTER_FILES:
+            if (source / file_name).is_file():
+                shutil.copy2(source / file_name, staged / file_name)
+        manifest, _ = inspect_adapter_folder(staged)
+        write_json_atomic(staged / MANIFEST_NAME, {**(manifest or _imported_manifest(config, source)), "name": name})
+        return library.publish(staged, name)
+
+
+def _imported_manifest(adapter_config: dict[str, Any], source: Path) -> dict[str, Any]:
+    """What is known about a foreign adapter: which base it says it was made for (no fingerprint: shapes decide)."""
+    return {
+        "library_version": LIBRARY_VERSION,
+        "kind": "imported",
+        "imported_from": str(source),
+        "base_model": {"id": adapter_config.get("base_model_name_or_path")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,1 +1,2 @@
-"""The PySide6 desktop app: widgets and the workers that bridge the Qt-free core to Qt."""
+"""The desktop app (PySide6): main window, training wizard, training panel, GPU strip, and the workers that keep
+the core's slow work off the GUI thread. Nothing here imports torch; the core does that lazily, on worker threads."""
