@@ -25,7 +25,7 @@ from app.core.config import validate_adapter_name
 from app.core.errors import AdapterError
 from app.core.library import (
     ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MANIFEST_NAME, PICKLE_WEIGHTS, AdapterEntry, Library,
-    _imported_manifest, add_peft_folder, inspect_adapter_folder, write_json_atomic,
+    add_peft_folder, inspect_adapter_folder,
 )
 from app.core.share import (
     BUNDLE_EXTRAS, BUNDLE_SUFFIX, CHECKSUMS_NAME, ProgressSink, ShareProgress, locate_base, named_bases,
@@ -84,11 +84,8 @@ def _import_checked(library: Library, source: Path, name: str | None, base: str 
         require_fit(entry, resolved)
 
         report(ShareProgress("Adding it to the library…", 3, _STEPS))
-        if entry.manifest is None:
-            # add_peft_folder would name the scratch folder as the origin; the user's own file is the useful one.
-            write_json_atomic(unpacked / MANIFEST_NAME, _imported_manifest(entry.adapter_config(), source))
         final_name = name or library.unique_name((entry.manifest or {}).get("name") or source.stem)
-        return add_peft_folder(library, unpacked, final_name)
+        return add_peft_folder(library, unpacked, final_name, origin=source)
 
 
 # Reading the source

@@ -360,11 +360,12 @@ class Library:
         return sorted(path.name for path in self.runs_dir.iterdir() if (path / "run_config.json").is_file())
 
 
-def add_peft_folder(library: Library, folder: str | os.PathLike, name: str) -> AdapterEntry:
+def add_peft_folder(library: Library, folder: str | os.PathLike, name: str, origin: Path | None = None) -> AdapterEntry:
     """Copy a plain PEFT LoRA folder made by another tool into the library under `name`.
 
     Only the adapter's own files are copied, into staging first, so the library never shows a half-copied folder.
-    Pickled weights (adapter_model.bin) are refused: loading them can run arbitrary code.
+    Pickled weights (adapter_model.bin) are refused: loading them can run arbitrary code. `origin` is what the
+    manifest names as the source when `folder` is only an unpacked copy (an imported zip or bundle).
     """
     source = Path(folder).expanduser()
     name = validate_adapter_name(name)
@@ -392,7 +393,7 @@ def add_peft_folder(library: Library, folder: str | os.PathLike, name: str) -> A
             if (source / file_name).is_file():
                 shutil.copy2(source / file_name, staged / file_name)
         manifest, _ = inspect_adapter_folder(staged)
-        write_json_atomic(staged / MANIFEST_NAME, {**(manifest or _imported_manifest(config, source)), "name": name})
+        write_json_atomic(staged / MANIFEST_NAME, {**(manifest or _imported_manifest(config, origin or source)), "name": name})
         return library.publish(staged, name)
 
 
