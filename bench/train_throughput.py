@@ -101,7 +101,7 @@ def run_reference(args) -> dict:
             model=model, train_dataset=dataset, callbacks=[Marks()],
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
             args=TrainingArguments(output_dir=output, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                                   learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_ratio=0.03,
+                                   learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=int(0.03 * args.steps),
                                    seed=SEED, save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
                                    disable_tqdm=True, dataloader_num_workers=0),
         )

@@ -1,50 +1,42 @@
 """The always-visible strip of gauges: VRAM, utilisation, temperature and power per NVIDIA GPU, and system RAM.
 
 NVML is polled on a thread of its own: a healthy driver answers in about a millisecond, but one whose GPU fell off
-the bus can block for seconds, and that must freeze the gauges, not the window.
+the bus can block for seconds, and that must freeze the gauges, not the window. The poller is a Worker like any
+other background job, so it shares their thread lifecycle.
 """
 
 from __future__ import annotations
 
-from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+import threading
+import weakref
+
+from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
 from app.core.gpu import GpuMonitor, GpuSnapshot, SystemSnapshot
-from app.gui.style import BAD, MUTED, gigabytes, repolish
+from app.gui.style import BAD, MUTED, gigabytes
+from app.gui.workers import Job, Worker
 
 POLL_INTERVAL_MS = 500
 """2 Hz: lively enough to watch memory climb as a model loads, rare enough to cost nothing."""
 SHUTDOWN_WAIT_MS = 3000
 
 
-class _Poller(QObject):
-    """Lives on the polling thread; its timer fires there, so a slow NVML call only delays the next reading."""
+class _PollWorker(Worker):
+    """Reads NVML every interval on its own thread until told to stop, then releases NVML there."""
 
-    snapshot = Signal(object)
-    finished = Signal()
-
-    def __init__(self, monitor: GpuMonitor, interval_ms: int):
+    def __init__(self, monitor: GpuMonitor, interval_s: float, stop: threading.Event):
         super().__init__()
-        self._monitor = monitor
-        self._interval_ms = interval_ms
-        self._timer: QTimer | None = None
+        self._monitor, self._interval_s, self._stop = monitor, interval_s, stop
 
-    @Slot()
-    def run(self) -> None:
-        self._timer = QTimer(self)
-        self._timer.timeout.connect(self._poll)
-        self._timer.start(self._interval_ms)
-        self._poll()
-
-    @Slot()
-    def _poll(self) -> None:
-        self.snapshot.emit(self._monitor.snapshot())
-
-    @Slot()
-    def stop(self) -> None:
-        self._timer.stop()
-        self._monitor.shutdown()
-        self.finished.emit()
+    def work(self) -> None:
+        try:
+            while True:
+                self.event.emit(self._monitor.snapshot())
+                if self._stop.wait(self._interval_s):
+                    return
+        finally:
+            self._monitor.shutdown()
 
 
 class _Gauge(QFrame):
@@ -79,9 +71,11 @@ class _Gauge(QFrame):
         self.bar.setValue(round(share * 1000))
         self.bar.setFormat(f"{gigabytes(used)} of {gigabytes(total)}")
         self.details.setText(details)
-        # Colour warns before the out-of-memory crash does.
-        colour = BAD if share >= 0.95 else "#d08a1c" if share >= 0.85 else "#2f6fba"
-        self.bar.setStyleSheet(f"QProgressBar::chunk {{ background: {colour}; }}")
+        # Colour warns before the out-of-memory crash does; light shades keep the dark text readable on top.
+        colour = "#ef9a92" if share >= 0.95 else "#f3c977" if share >= 0.85 else "#9cc3ee"
+        self.bar.setStyleSheet(
+            "QProgressBar { border: 1px solid #c9ced6; border-radius: 3px; background: white; text-align: center; }"
+            f"QProgressBar::chunk {{ background: {colour}; border-radius: 2px; }}")
 
 
 def gpu_details(gpu: GpuSnapshot) -> str:
@@ -107,8 +101,8 @@ class GpuStrip(QFrame):
         self.monitor = monitor or GpuMonitor()
         self.latest: SystemSnapshot | None = None
         self._interval_ms = interval_ms
-        self._thread: QThread | None = None
-        self._poller: _Poller | None = None
+        self._job: Job | None = None
+        self._stop_polling = threading.Event()
         self._gpu_gauges: list[_Gauge] = []
 
         self.notice = QLabel("Looking for NVIDIA GPUs…")
@@ -124,28 +118,22 @@ class GpuStrip(QFrame):
     # Polling lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._job is not None:
             return
-        self._thread = QThread()
-        self._thread.setObjectName("GpuStripPoller")
-        self._poller = _Poller(self.monitor, self._interval_ms)
-        self._poller.moveToThread(self._thread)
-        self._thread.started.connect(self._poller.run)
-        self._poller.finished.connect(self._thread.quit)
-        self._poller.finished.connect(self._poller.deleteLater)
-        self._thread.finished.connect(self._thread.deleteLater)
-        self._poller.snapshot.connect(self.show_snapshot)
-        self._thread.start()
+        self._stop_polling = threading.Event()
+        self._job = Job(_PollWorker(self.monitor, self._interval_ms / 1000, self._stop_polling))
+        self._job.event.connect(self.show_snapshot)
+        self._job.start()
+        # A strip deleted without stop() (its window torn down) must not leave the poller running forever.
+        weakref.finalize(self, self._stop_polling.set)
 
     def stop(self) -> None:
         """Stop polling and release NVML; safe to call twice and before start()."""
-        if self._thread is None:
+        if self._job is None:
             return
-        # The poller's own thread must stop its timer; a direct call from here would touch it across threads.
-        self._poller.snapshot.disconnect(self.show_snapshot)
-        QTimer.singleShot(0, self._poller, self._poller.stop)
-        self._thread.wait(SHUTDOWN_WAIT_MS)
-        self._thread = self._poller = None
+        self._stop_polling.set()
+        self._job.wait(SHUTDOWN_WAIT_MS)
+        self._job = None
 
     def showEvent(self, event) -> None:
         self.start()
@@ -166,9 +154,7 @@ class GpuStrip(QFrame):
         self.ram_gauge.show_usage("System RAM", snapshot.ram_used, snapshot.ram_total, "")
         self.notice.setText(snapshot.message)
         self.notice.setVisible(bool(snapshot.message))
-        self.notice.setProperty("tone", "error" if snapshot.is_error else "info")
         self.notice.setStyleSheet(f"color: {BAD}; font-weight: 600;" if snapshot.is_error else "")
-        repolish(self.notice)
         self.snapshot_received.emit(snapshot)
 
     def _match_gauges(self, count: int) -> None:

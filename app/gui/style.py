@@ -42,14 +42,25 @@ QPushButton#preset:checked {{ background: {ACCENT}; color: white; }}
 """
 
 
-def apply_style(app: QApplication) -> None:
+def apply_style(app: QApplication, style_sheet: bool = True) -> None:
+    """Fusion, the palette, the icon and (unless told to wait) the style sheet.
+
+    A style sheet makes every widget's polish slower, most of all when a widget is re-parented into a layout; so
+    the app sets it once its window is built (style_sheet=False here, then apply_style_sheet), which re-polishes
+    each widget once instead of at every step of the building.
+    """
     app.setStyle("Fusion")
     palette = app.palette()
     palette.setColor(QPalette.ColorRole.Window, QColor("#fbfbfc"))
     palette.setColor(QPalette.ColorRole.Highlight, QColor(ACCENT))
     app.setPalette(palette)
-    app.setStyleSheet(STYLE_SHEET)
     app.setWindowIcon(app_icon())
+    if style_sheet:
+        apply_style_sheet(app)
+
+
+def apply_style_sheet(app: QApplication) -> None:
+    app.setStyleSheet(STYLE_SHEET)
 
 
 def app_icon() -> QIcon:

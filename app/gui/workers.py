@@ -4,66 +4,29 @@ The shape follows napari/superqt: a worker QObject moved to a plain QThread, `th
 `worker.finished → thread.quit`, `deleteLater` on both. A `Job` is the GUI thread's view of one such worker: the
 worker's signals are relayed through it, so whatever a page connects to them runs on the GUI thread. (PySide6 runs a
 lambda connected straight to a worker's signal on the *worker's* thread, which is how GUIs end up touching widgets
-from the wrong thread.)
+from the wrong thread.) Training goes one step further: its worker drives a child process (see TrainingWorker).
 """
 
 from __future__ import annotations
 
-import errno
-import logging
-import sys
-from dataclasses import dataclass
+import json
+import queue
+import subprocess
+import threading
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from app.core.config import RunConfig
-from app.core.errors import TailorError
 from app.core.library import Library
-
-log = logging.getLogger("tailor.gui")
-
-USER_ERROR, OUT_OF_MEMORY, DISK_FULL, UNEXPECTED = "user", "out_of_memory", "disk_full", "unexpected"
+from app.core.training import TrainingControl, TrainingResult, run_training
+from app.gui import training_process
+from app.gui.failures import OUT_OF_MEMORY, UNEXPECTED, Failure, ReportedFailure, describe_failure
 
 # Jobs whose thread is still running; Python must keep their wrappers alive, or it would delete a running QThread.
 _active_jobs: set[Job] = set()
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a job failed, in words for the user (the traceback goes to the log, never on screen)."""
-
-    message: str
-    hint: str | None
-    kind: str
-
-
-def describe_failure(exc: BaseException) -> Failure:
-    if isinstance(exc, TailorError):
-        return Failure(exc.message, exc.hint, USER_ERROR)
-    if _is_out_of_memory(exc):
-        return Failure("Training ran out of memory.",
-                       "Lower the batch size or the max length, or use Auto-fit on the Review page.", OUT_OF_MEMORY)
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = f" while writing {exc.filename}" if exc.filename else ""
-        return Failure(f"The disk is full{where}.",
-                       "Free some disk space, then resume the run: its last checkpoint is kept.", DISK_FULL)
-    if isinstance(exc, OSError):
-        return Failure(f"Could not read or write a file: {exc.strerror or exc}"
-                       + (f" ({exc.filename})" if exc.filename else ""),
-                       "Check the file exists and that you may write to the library folder.", USER_ERROR)
-    log.error("Unexpected error in a background job", exc_info=exc)
-    return Failure(f"Something went wrong: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                   "This is a bug in Tailor; the full details were written to the log.", UNEXPECTED)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # torch is only in sys.modules if a worker imported it; checking there keeps torch out of the GUI's imports.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
-        return True
-    # The CPU allocator raises a plain RuntimeError (or MemoryError) instead of a dedicated type.
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+CONTROL_POLL_S = 0.1
+"""How often a training worker passes the Pause/Stop flags on to its child process."""
 
 
 class Worker(QObject):
@@ -103,16 +66,76 @@ class FunctionWorker(Worker):
 
 
 class TrainingWorker(Worker):
-    """One call of run_training: a new run, or the continuation of a paused or interrupted one (resume=True)."""
+    """One run_training call: a new run, or the continuation of a paused or interrupted one (resume=True).
 
-    def __init__(self, config: RunConfig, library: Library, control, resume: bool = False):
+    By default the run happens in a child process (app.gui.training_process), which this worker's thread drives:
+    it turns the child's lines back into the core's events and passes on the Pause/Stop flags the GUI sets on
+    `control`. isolated=False calls run_training on this thread instead, sharing the GIL with the window.
+    """
+
+    def __init__(self, config: RunConfig, library: Library, control: TrainingControl, resume: bool = False,
+                 isolated: bool = True):
         super().__init__()
         self.config, self.library, self.control, self.resume = config, library, control, resume
+        self.isolated = isolated
 
-    def work(self):
-        from app.core.training import run_training
+    def work(self) -> TrainingResult:
+        if not self.isolated:
+            return run_training(self.config, self.library, sink=self.event.emit, control=self.control,
+                                resume=self.resume)
+        child = subprocess.Popen(training_process.child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, encoding="utf-8")
+        child.stdin.write(training_process.request_line(self.config, self.library, self.resume))
+        child.stdin.flush()
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_read_lines, args=(child.stdout, lines), name="training-output", daemon=True).start()
+        outcome, forwarded = None, set()
+        while True:
+            self._forward_requests(child, forwarded)
+            try:
+                line = lines.get(timeout=CONTROL_POLL_S)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            message = json.loads(line)
+            event = training_process.event_from_dict(message)
+            if event is not None:
+                self.event.emit(event)
+            else:
+                outcome = message
+        child.stdin.close()
+        code = child.wait()
+        return self._result(outcome, code)
 
-        return run_training(self.config, self.library, sink=self.event.emit, control=self.control, resume=self.resume)
+    def _forward_requests(self, child: subprocess.Popen, forwarded: set[str]) -> None:
+        for command, requested in ((training_process.STOP, self.control.stop_requested),
+                                   (training_process.PAUSE, self.control.pause_requested)):
+            if requested and command not in forwarded:
+                forwarded.add(command)
+                try:
+                    child.stdin.write(command + "\n")
+                    child.stdin.flush()
+                except (BrokenPipeError, OSError):
+                    pass  # the child has ended already; its outcome is on the way
+
+    def _result(self, outcome: dict | None, exit_code: int) -> TrainingResult:
+        if outcome is None:
+            raise ReportedFailure(Failure(
+                f"The training process ended unexpectedly (exit code {exit_code}).",
+                "If the computer ran out of memory, lower the batch size or use Auto-fit; "
+                "the run can be resumed from its last checkpoint.", OUT_OF_MEMORY if exit_code == -9 else UNEXPECTED))
+        if outcome["type"] == training_process.FAILURE:
+            raise ReportedFailure(training_process.failure_from_dict(outcome))
+        adapter = self.library.get(outcome["adapter"]) if outcome["adapter"] else None
+        return TrainingResult(adapter, outcome["steps"], outcome["total_steps"], outcome["final_loss"],
+                              paused=outcome["paused"], stopped_early=outcome["stopped_early"])
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
 
 
 class Job(QObject):
@@ -129,7 +152,8 @@ class Job(QObject):
         self._thread.setObjectName(type(worker).__name__)
         worker.moveToThread(self._thread)
         self._thread.started.connect(worker.run)
-        worker.finished.connect(self._thread.quit)
+        # Direct: quit() is thread-safe, and a queued call would wait for the GUI thread, which wait() may block.
+        worker.finished.connect(self._thread.quit, Qt.ConnectionType.DirectConnection)
         worker.finished.connect(worker.deleteLater)
         self._thread.finished.connect(self._thread_ended)
         self._thread.finished.connect(self._thread.deleteLater)

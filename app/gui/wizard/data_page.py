@@ -1,0 +1,358 @@
+"""Step 2: the dataset. Pick or drop a file; see its format, first rows, problems, lengths and one masked example."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QAbstractItemView, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QMenu, QSplitter,
+    QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget,
+)
+
+from app.core.config import DATA_FORMATS, DataSettings
+from app.gui import settings
+from app.gui.wizard.base import DatasetInfo, WizardContext, WizardPage
+from app.gui.wizard.field_docs import tooltip
+from app.gui.wizard.widgets import ExampleView, PathField, TokenHistogram, legend_html
+
+SAMPLE_DATASETS = Path(__file__).resolve().parents[3] / "resources" / "datasets"
+FIRST_SAMPLE = "pirate.jsonl"
+"""Pre-selected so a newcomer can train a first persona without choosing anything."""
+DATASET_FILTER = "Datasets (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
+FORMAT_NAMES = {
+    "auto": "Detect automatically", "openai": "OpenAI chat (messages)", "sharegpt": "ShareGPT (conversations)",
+    "alpaca": "Alpaca (instruction / output)", "text": "Plain text", "prompt_response": "Prompt / response columns",
+    "hf_disk": "Saved with datasets (folder)",
+}
+
+
+def sample_datasets() -> list[Path]:
+    """The datasets Tailor ships, the newcomer's first choice first."""
+    if not SAMPLE_DATASETS.is_dir():
+        return []
+    files = [path for path in SAMPLE_DATASETS.iterdir() if path.suffix in (".jsonl", ".csv")]
+    return sorted(files, key=lambda path: (path.name != FIRST_SAMPLE, path.name))
+
+
+def inspect_dataset(path: str, format: str, prompt_column: str | None, response_column: str | None, tokenizer,
+                    max_len: int, system_prompt: str | None, report: Callable[[str], None]) -> DatasetInfo:
+    """Load, validate and count tokens (raises DatasetError listing bad lines). Runs on a worker thread."""
+    from app.core.data import build_report, example_segments, load_dataset_file, tokenize_dataset
+
+    loaded = load_dataset_file(path, format, prompt_column, response_column)
+    report(f"Counting tokens in {loaded.rows:,} examples…")
+    examples, lengths = tokenize_dataset(tokenizer, loaded, max_len, system_prompt)
+    dataset_report = build_report(loaded, lengths, len(examples), max_len)
+    if loaded.format == "text":
+        segments = [(loaded.texts[0], True)]
+    else:
+        segments = example_segments(tokenizer, loaded.conversations[0], system_prompt, max_len)
+    return DatasetInfo(path=path, format=format, prompt_column=prompt_column, response_column=response_column,
+                       loaded=loaded, report=dataset_report, segments=segments, tokenizer=tokenizer)
+
+
+class DataPage(WizardPage):
+    title = "Choose the dataset"
+    subtitle = ("Examples of how the persona should answer: a .jsonl of chats, a CSV of prompts and responses, "
+                "plain text… Drop a file anywhere on this page, or browse.")
+
+    def __init__(self, context: WizardContext, max_len: Callable[[], int], system_prompt: Callable[[], str | None],
+                 parent: QWidget | None = None):
+        super().__init__(context, parent)
+        self._max_len = max_len
+        self._system_prompt = system_prompt
+        self.setAcceptDrops(True)
+
+        self.path_field = PathField("Drop a dataset file here, or browse…", self._pick_file)
+        self.path_field.edit.setAcceptDrops(False)  # let the page take the drop, not paste a file:// URL as text
+        self.path_field.setToolTip(tooltip(DataSettings, "path"))
+        self.samples_button = QToolButton()
+        self.samples_button.setText("Samples")
+        self.samples_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        samples = QMenu(self.samples_button)
+        for sample in sample_datasets():
+            samples.addAction(sample.stem, lambda chosen=sample: self.set_path(str(chosen)))
+        self.samples_button.setMenu(samples)
+        self.samples_button.setEnabled(bool(sample_datasets()))
+        self.format_combo = QComboBox()
+        for key in DATA_FORMATS:
+            self.format_combo.addItem(FORMAT_NAMES[key], key)
+        self.format_combo.setToolTip(tooltip(DataSettings, "format"))
+        self.detected = QLabel()
+        self.detected.setObjectName("muted")
+        self.prompt_column = QComboBox()
+        self.prompt_column.setToolTip(tooltip(DataSettings, "prompt_column"))
+        self.response_column = QComboBox()
+        self.response_column.setToolTip(tooltip(DataSettings, "response_column"))
+        self.columns_row = QWidget()
+        columns_layout = QHBoxLayout(self.columns_row)
+        columns_layout.setContentsMargins(0, 0, 0, 0)
+        columns_layout.addWidget(QLabel("Prompt column:"))
+        columns_layout.addWidget(self.prompt_column)
+        columns_layout.addSpacing(12)
+        columns_layout.addWidget(QLabel("Response column:"))
+        columns_layout.addWidget(self.response_column)
+        columns_layout.addStretch(1)
+        self.columns_row.hide()
+
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.table = QTableWidget()
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setWordWrap(False)
+        self.table.setAcceptDrops(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.histogram = TokenHistogram()
+        self.histogram.setMinimumHeight(120)
+        self.example = ExampleView()
+        self.example.setMinimumHeight(80)
+        legend = QLabel(legend_html())
+        legend.setWordWrap(True)
+        legend.setObjectName("muted")
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("File:"))
+        top.addWidget(self.path_field, 1)
+        top.addWidget(self.samples_button)
+        top.addSpacing(12)
+        top.addWidget(QLabel("Format:"))
+        top.addWidget(self.format_combo)
+        top.addWidget(self.detected)
+
+        rows_box = QGroupBox("First rows")
+        QVBoxLayout(rows_box).addWidget(self.table)
+        lengths_box = QGroupBox("Tokens per example")
+        QVBoxLayout(lengths_box).addWidget(self.histogram)
+        example_box = QGroupBox("One example as the model sees it")
+        example_layout = QVBoxLayout(example_box)
+        example_layout.addWidget(self.example, 1)
+        example_layout.addWidget(legend)
+        right = QSplitter(Qt.Orientation.Vertical)
+        right.addWidget(lengths_box)
+        right.addWidget(example_box)
+        right.setSizes([200, 260])
+        panes = QSplitter(Qt.Orientation.Horizontal)
+        panes.addWidget(rows_box)
+        panes.addWidget(right)
+        panes.setSizes([560, 640])
+        panes.setChildrenCollapsible(False)
+
+        layout = QVBoxLayout(self.body)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(top)
+        layout.addWidget(self.columns_row)
+        layout.addWidget(self.summary)
+        layout.addWidget(panes, 1)
+
+        self.path_field.edit.editingFinished.connect(self._path_changed)
+        self.format_combo.currentIndexChanged.connect(self._inputs_changed)
+        self.prompt_column.activated.connect(self._columns_chosen)
+        self.response_column.activated.connect(self._columns_chosen)
+        self._columns_overridden = False
+        default = sample_datasets()
+        if default:
+            self.path_field.edit.setText(str(default[0]))
+
+    # Inputs
+
+    def set_path(self, path: str) -> None:
+        self.path_field.edit.setText(path)
+        self._path_changed()
+
+    def _path_changed(self) -> None:
+        loaded = self.context.dataset
+        if loaded is None or loaded.path != self.path_field.text():
+            self._set_column_choices([])  # another file's columns mean nothing here
+        self._inputs_changed()
+
+    def set_format(self, format: str) -> None:
+        self.format_combo.setCurrentIndex(max(0, self.format_combo.findData(format)))
+
+    def format(self) -> str:
+        return self.format_combo.currentData()
+
+    def columns(self) -> tuple[str | None, str | None]:
+        """The prompt/response columns the user chose, or (None, None) to let the loader detect them."""
+        if not self._columns_overridden:
+            return None, None
+        return self.prompt_column.currentText(), self.response_column.currentText()
+
+    def _columns_chosen(self) -> None:
+        self._columns_overridden = True
+        self._inputs_changed()
+
+    def _request(self) -> tuple:
+        """Everything the loaded dataset depends on; a result for other inputs is stale."""
+        return (self.path_field.text(), self.format(), *self.columns(), id(self.context.model.tokenizer))
+
+    def _loaded_request(self) -> tuple | None:
+        info = self.context.dataset
+        if info is None:
+            return None
+        return (info.path, info.format, info.prompt_column, info.response_column, id(info.tokenizer))
+
+    def _pick_file(self) -> str:
+        return QFileDialog.getOpenFileName(self, "Choose a dataset", settings.last_folder(), DATASET_FILTER)[0]
+
+    def dragEnterEvent(self, event) -> None:
+        if self._dropped_path(event) is not None:
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        path = self._dropped_path(event)
+        if path is not None:
+            event.acceptProposedAction()
+            self.set_path(path)
+
+    @staticmethod
+    def _dropped_path(event) -> str | None:
+        urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
+        local = [url.toLocalFile() for url in urls if url.isLocalFile()]
+        return local[0] if local else None
+
+    # Loading
+
+    def enter(self) -> None:
+        if self.context.model is not None and self.path_field.text() and self._loaded_request() != self._request():
+            self._load()
+
+    def _inputs_changed(self) -> None:
+        if self.context.model is not None and self.path_field.text() and self._loaded_request() != self._request():
+            self._load()
+
+    def _load(self) -> None:
+        path, format, prompt_column, response_column, _ = request = self._request()
+        tokenizer, max_len, system_prompt = self.context.model.tokenizer, self._max_len(), self._system_prompt()
+        self.context.dataset = None
+        self.run_job(
+            lambda report: inspect_dataset(path, format, prompt_column, response_column, tokenizer, max_len,
+                                           system_prompt, report),
+            f"Reading {Path(path).name}…", lambda info: self._loaded(request, info),
+            lambda failure: self._failed(request, failure))
+
+    def _loaded(self, request: tuple, info: DatasetInfo) -> None:
+        if request != self._request():
+            return  # the user changed the file or format meanwhile; a newer load is on its way
+        self.context.dataset = info
+        self._show(info)
+
+    def _failed(self, request: tuple, failure) -> None:
+        if request != self._request():
+            return
+        self.context.dataset = None
+        self._clear()
+        self.show_failure(failure)
+
+    def _clear(self) -> None:
+        self.summary.clear()
+        self.detected.clear()
+        self.table.clear()
+        self.table.setRowCount(0)
+        self.table.setColumnCount(0)
+        self.histogram.show_lengths([], self._max_len())
+        self.example.show_segments([])
+
+    def _show(self, info: DatasetInfo) -> None:
+        report = info.report
+        self.detected.setText(f"detected: {FORMAT_NAMES[report.format]}" if info.format == "auto" else "")
+        self._show_columns(info)
+        headers, rows = preview_table(info)
+        self.table.clear()
+        self.table.setColumnCount(len(headers))
+        self.table.setHorizontalHeaderLabels(headers)
+        if headers[-1] == "turns":
+            self.table.horizontalHeader().setSectionResizeMode(len(headers) - 1,
+                                                               QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setRowCount(len(rows))
+        for row, values in enumerate(rows):
+            for column, value in enumerate(values):
+                item = QTableWidgetItem(value)
+                item.setToolTip(value)
+                self.table.setItem(row, column, item)
+        self.histogram.show_lengths(report.token_lengths, self._max_len())
+        self.example.show_segments(info.segments)
+        self.update_summary()
+
+    def _show_columns(self, info: DatasetInfo) -> None:
+        is_table = info.report.format == "prompt_response"
+        self.columns_row.setVisible(is_table)
+        if is_table:
+            self._set_column_choices(info.report.columns, columns_used(info))
+
+    def _set_column_choices(self, columns: list[str], chosen: tuple[str, str] = ("", "")) -> None:
+        """Offer the file's columns, showing the pair in use (the loader needs both once the user picks one)."""
+        for combo, current in zip((self.prompt_column, self.response_column), chosen):
+            combo.clear()
+            combo.addItems(columns)
+            combo.setCurrentText(current)
+        if not columns:
+            self._columns_overridden = False
+            self.columns_row.hide()
+
+    def set_max_len(self, max_len: int) -> None:
+        """Called when the max length changes on the Adapter page: move the line and recount what gets cut."""
+        self.histogram.set_max_len(max_len)
+        self.update_summary()
+
+    def update_summary(self) -> None:
+        info = self.context.dataset
+        if info is None:
+            self.summary.clear()
+            return
+        lengths = info.report.token_lengths
+        cut = self.histogram.cut_count()
+        self.summary.setText(
+            f"<b>{info.report.rows:,} examples</b> ({info.report.usable_rows:,} with a reply to learn from) · "
+            f"tokens per example: median {statistics.median(lengths):.0f}, longest {max(lengths):,} · "
+            + (f"<span style='color:#b7791f'><b>{cut:,}</b> longer than the max length "
+               f"({self.histogram.max_len}) will be cut</span>" if cut else
+               f"all fit in the max length ({self.histogram.max_len})"))
+
+    def validate(self) -> str | None:
+        if not self.path_field.text():
+            return "Choose a dataset file (or drop one on this page)."
+        if self.context.dataset is None:
+            return self.banner.plain_text or "The dataset has not been read yet."
+        if self.context.dataset.report.usable_rows == 0:
+            return "No example has an assistant reply within the max length; raise the max length on the next page."
+        return None
+
+    def advance(self, proceed: Callable[[], None]) -> None:
+        if not self.is_busy and self.path_field.text() and self._loaded_request() != self._request():
+            self._load()
+        super().advance(proceed)
+
+
+def preview_table(info: DatasetInfo) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells for the first rows. Chats read better as who-said-what than as raw JSON; tables and
+    text are shown as they are in the file."""
+    report = info.report
+    if report.format in ("openai", "sharegpt"):
+        conversations = info.loaded.conversations[:len(report.preview)]
+        return ["user", "assistant", "turns"], [
+            [_first(messages, "user"), _first(messages, "assistant"), str(len(messages))] for messages in conversations]
+    return report.columns, [[str(row.get(name, "")) for name in report.columns] for row in report.preview]
+
+
+def _first(messages: list[dict[str, str]], role: str) -> str:
+    return next((message["content"] for message in messages if message["role"] == role), "")
+
+
+def columns_used(info: DatasetInfo) -> tuple[str, str]:
+    """The prompt and response columns the loader picked, found by matching its first example to the first row.
+
+    The loader does not report which pair it detected; the first conversation's user and assistant texts are the
+    first row's prompt and response cells (the preview cuts long cells and ends them with '…').
+    """
+    if info.prompt_column and info.response_column:
+        return info.prompt_column, info.response_column
+    messages, row = info.loaded.conversations[0], info.report.preview[0]
+
+    def column_holding(text: str) -> str:
+        return next((name for name, cell in row.items()
+                     if cell == text or cell.endswith("…") and text.startswith(cell[:-1])), "")
+
+    return column_holding(_first(messages, "user")), column_holding(_first(messages, "assistant"))

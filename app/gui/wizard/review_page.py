@@ -1,0 +1,313 @@
+"""Step 4: review. What will be trained, and whether it fits: the memory estimate against what is free right now."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import psutil
+from PySide6.QtCore import QRectF, QSize, Qt
+from PySide6.QtGui import QColor, QIcon, QPainter, QPen, QPixmap
+from PySide6.QtWidgets import (
+    QAbstractItemView, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableWidget,
+    QTableWidgetItem, QVBoxLayout, QWidget,
+)
+
+from app.core.config import RunConfig
+from app.core.errors import TailorError
+from app.core.estimate import FITS, TIGHT, MemoryEstimate, auto_fit, estimate_training_memory, verdict
+from app.gui.style import BAD, GOOD, MUTED, WARN, gigabytes
+from app.gui.wizard.adapter_page import AdapterPage
+from app.gui.wizard.base import WizardContext, WizardPage
+from app.gui.wizard.field_docs import tooltip
+
+SEGMENT_COLOURS = ("#4e79a7", "#59a14f", "#edc948", "#f28e2b", "#e15759", "#b07aa1", "#9c755f")
+VERDICT_COLOURS = {FITS: GOOD, TIGHT: WARN}
+# MemoryEstimate.rows() lists its parts in field order; these are the fields whose docstrings explain each row.
+ROW_FIELDS = ("base_weights", "adapter_weights", "optimizer_states", "gradients", "activations", "logits",
+              "cuda_context")
+
+
+class MemoryBar(QWidget):
+    """The estimate as stacked parts, with a marker where the free memory ends."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.estimate: MemoryEstimate | None = None
+        self.available = 0
+        self.setMinimumHeight(64)
+
+    def sizeHint(self) -> QSize:
+        return QSize(420, 64)
+
+    def show_estimate(self, estimate: MemoryEstimate | None, available: int) -> None:
+        self.estimate, self.available = estimate, available
+        self.update()
+
+    def paintEvent(self, event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        bar = QRectF(0, 8, self.width() - 1, 26)
+        painter.setPen(QPen(QColor("#c9ced6")))
+        painter.setBrush(QColor("#eef0f3"))
+        painter.drawRoundedRect(bar, 4, 4)
+        if self.estimate is None:
+            return
+        scale = bar.width() / max(self.estimate.total, self.available, 1) / 1.08
+        x = bar.left()
+        painter.setPen(Qt.PenStyle.NoPen)
+        for (_label, amount), colour in zip(self.estimate.rows(), SEGMENT_COLOURS):
+            width = amount * scale
+            painter.setBrush(QColor(colour))
+            painter.drawRect(QRectF(x, bar.top() + 1, width, bar.height() - 2))
+            x += width
+        painter.setPen(QColor("#1f2328"))
+        metrics = painter.fontMetrics()
+        need = f"needs {gigabytes(self.estimate.total)}"
+        painter.drawText(int(min(x + 6, self.width() - metrics.horizontalAdvance(need))),
+                         int(bar.center().y() + metrics.ascent() / 2 - 1), need)
+        marker = bar.left() + self.available * scale
+        painter.setPen(QPen(QColor("#1f2328"), 2, Qt.PenStyle.DashLine))
+        painter.drawLine(int(marker), 2, int(marker), int(bar.bottom() + 6))
+        painter.setPen(QColor("#1f2328"))
+        text = f"free now: {gigabytes(self.available)}"
+        left = min(max(0, marker - metrics.horizontalAdvance(text) / 2), self.width() - metrics.horizontalAdvance(text))
+        painter.drawText(int(left), int(bar.bottom() + 8 + metrics.ascent()), text)
+
+
+class ReviewPage(WizardPage):
+    title = "Review and train"
+    subtitle = "Check the settings and whether the run fits in memory, then press Train."
+
+    def __init__(self, context: WizardContext, adapter_page: AdapterPage, build_config: Callable[[], RunConfig],
+                 parent: QWidget | None = None):
+        super().__init__(context, parent)
+        self._adapter_page = adapter_page
+        self._build_config = build_config
+        self.estimate: MemoryEstimate | None = None
+        self.verdict = ""
+
+        self.summary = QFormLayout()
+        next_steps = QLabel("Training runs in the background and the chart shows the loss falling as the persona "
+                            "learns. Pause frees the memory and resumes later, even after closing Tailor; Stop "
+                            "keeps what has been learnt so far. The adapter then appears in the Library, ready "
+                            "to chat with.")
+        next_steps.setObjectName("muted")
+        next_steps.setWordWrap(True)
+        summary_box = QGroupBox("What will be trained")
+        summary_column = QVBoxLayout(summary_box)
+        summary_column.addLayout(self.summary)
+        summary_column.addSpacing(12)
+        summary_column.addWidget(next_steps)
+        summary_column.addStretch(1)
+
+        self.bar = MemoryBar()
+        self.verdict_label = QLabel()
+        self.verdict_label.setWordWrap(True)
+        self.auto_fit_button = QPushButton("Auto-fit")
+        self.auto_fit_button.setToolTip("<p>Pick batch size, gradient accumulation, max length and gradient "
+                                        "checkpointing so the run fits in the free memory with room to spare.</p>")
+        self.auto_fit_button.clicked.connect(self.apply_auto_fit)
+        self.changes = QLabel()
+        self.changes.setWordWrap(True)
+        self.changes.setObjectName("muted")
+        self.breakdown = QTableWidget(0, 2)
+        self.breakdown.setHorizontalHeaderLabels(["Part", "Memory"])
+        self.breakdown.verticalHeader().hide()
+        self.breakdown.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.breakdown.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.breakdown.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.breakdown.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.breakdown.verticalHeader().setDefaultSectionSize(24)
+        self.breakdown.setSizeAdjustPolicy(QAbstractItemView.SizeAdjustPolicy.AdjustToContents)
+        self.breakdown.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+        memory_box = QGroupBox("Memory")
+        memory = QVBoxLayout(memory_box)
+        memory.addWidget(self.bar)
+        verdict_row = QHBoxLayout()
+        verdict_row.addWidget(self.verdict_label, 1)
+        verdict_row.addWidget(self.auto_fit_button, 0, Qt.AlignmentFlag.AlignTop)
+        memory.addLayout(verdict_row)
+        memory.addWidget(self.changes)
+        memory.addWidget(self.breakdown)
+        memory.addStretch(1)
+
+        layout = QHBoxLayout(self.body)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(summary_box, 1)
+        layout.addWidget(memory_box, 1)
+
+    # Where the run will happen and what is free there
+
+    def device(self) -> str:
+        snapshot = self.context.snapshot
+        return "cuda" if snapshot is not None and snapshot.gpus else "cpu"
+
+    def available_memory(self) -> int:
+        snapshot = self.context.snapshot
+        if snapshot is not None and snapshot.gpus:
+            gpu = snapshot.gpus[0]
+            return gpu.memory_total - gpu.memory_used
+        if snapshot is not None:
+            return snapshot.ram_total - snapshot.ram_used
+        return int(psutil.virtual_memory().available)  # before the strip's first reading
+
+    def place(self) -> str:
+        """Which memory the estimate is weighed against."""
+        return "VRAM on GPU 0" if self.device() == "cuda" else "system RAM"
+
+    def runs_on(self) -> str:
+        snapshot = self.context.snapshot
+        if self.device() == "cuda":
+            return f"GPU 0: {snapshot.gpus[0].name} (QLoRA in VRAM)"
+        return "the CPU (no NVIDIA GPU found), in system RAM"
+
+    # Showing the review
+
+    def enter(self) -> None:
+        self.changes.clear()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the estimate for the current settings; cheap arithmetic, so also done on every GPU reading."""
+        try:
+            config = self._build_config()
+            self.estimate = self._estimate(config)
+        except TailorError as exc:
+            self.estimate = None
+            self.banner.show_message(exc.message, exc.hint)
+            self.bar.show_estimate(None, 0)
+            return
+        self.banner.clear()
+        self._show_summary(config)
+        self.update_free_memory()
+
+    def update_free_memory(self) -> None:
+        """Weigh the estimate against what is free now: called on refresh and on every GPU strip reading."""
+        if self.estimate is None:
+            return
+        available = self.available_memory()
+        self.verdict = verdict(self.estimate.total, available)
+        self._show_verdict(available)
+        self._show_breakdown(available)
+        self.bar.show_estimate(self.estimate, available)
+
+    def _estimate(self, config: RunConfig) -> MemoryEstimate:
+        return estimate_training_memory(
+            self.context.model.shape, quant=config.model.quant, rank=config.lora.rank,
+            target_modules=config.lora.target_modules, max_len=config.data.max_len,
+            batch_size=config.training.batch_size, gradient_checkpointing=config.training.gradient_checkpointing,
+            device=self.device(),
+        )
+
+    def _show_summary(self, config: RunConfig) -> None:
+        while self.summary.rowCount():
+            self.summary.removeRow(0)
+        model, dataset = self.context.model, self.context.dataset
+        lora, training = config.lora, config.training
+        adapter_kind = " + DoRA" if lora.use_dora else ""
+        rows = [
+            ("Persona", config.name),
+            ("Base model", f"{model.display_name} ({config.model.quant})"),
+            ("Dataset", f"{dataset.report.usable_rows:,} examples from {dataset.loaded.path.name}"),
+            ("Adapter", f"LoRA{adapter_kind}, rank {lora.rank}, alpha {lora.alpha:g}, "
+                        f"{', '.join(lora.target_modules)}"),
+            ("Length", f"{total_steps(config, dataset.report.usable_rows):,} optimizer steps "
+                       + ("(set by max steps)" if training.max_steps else f"({training.epochs:g} epochs)")),
+            ("Batch", f"{training.batch_size} × {training.grad_accum} accumulation = "
+                      f"{training.batch_size * training.grad_accum} examples per step, "
+                      f"up to {config.data.max_len} tokens each"),
+            ("Learning rate", f"{training.learning_rate:g}, {training.lr_schedule}"),
+            ("Runs on", self.runs_on()),
+        ]
+        for label, value in rows:
+            text = QLabel(value)
+            text.setWordWrap(True)
+            text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            self.summary.addRow(f"{label}:", text)
+
+    def _show_verdict(self, available: int) -> None:
+        need, free = gigabytes(self.estimate.total), gigabytes(available)
+        if self.verdict == FITS:
+            text = f"Fits: needs about {need}, and {free} of {self.place()} is free."
+        elif self.verdict == TIGHT:
+            text = (f"Tight: needs about {need} of the {free} free. Another program could tip it over; "
+                    "Auto-fit leaves more room.")
+        else:
+            text = (f"Won't fit: needs about {need}, but only {free} of {self.place()} is free. "
+                    "Press Auto-fit, or lower the batch size or max length.")
+        colour = VERDICT_COLOURS.get(self.verdict, BAD)
+        self.verdict_label.setText(f"<span style='color:{colour}; font-size:15px; font-weight:600'>{text}</span>")
+
+    def _show_breakdown(self, available: int) -> None:
+        rows = self.estimate.rows()
+        self.breakdown.setRowCount(len(rows) + 2)
+        for row, ((label, amount), colour, field) in enumerate(zip(rows, SEGMENT_COLOURS, ROW_FIELDS)):
+            part = QTableWidgetItem(_swatch(colour), label)
+            part.setToolTip(tooltip(MemoryEstimate, field))
+            self.breakdown.setItem(row, 0, part)
+            self.breakdown.setItem(row, 1, _right_aligned(gigabytes(amount)))
+        total = QTableWidgetItem("Total")
+        font = total.font()
+        font.setBold(True)
+        total.setFont(font)
+        self.breakdown.setItem(len(rows), 0, total)
+        self.breakdown.setItem(len(rows), 1, _right_aligned(gigabytes(self.estimate.total), bold=True))
+        free = QTableWidgetItem(f"Free now ({self.place()})")
+        free.setToolTip("<p>What is free at this moment; other programs can take or give back memory.</p>")
+        free.setForeground(QColor(MUTED))
+        self.breakdown.setItem(len(rows) + 1, 0, free)
+        self.breakdown.setItem(len(rows) + 1, 1, _right_aligned(gigabytes(available)))
+
+    # Auto-fit
+
+    def apply_auto_fit(self) -> None:
+        try:
+            config = self._build_config()
+            training = config.training
+            fit = auto_fit(
+                self.context.model.shape, self.available_memory(), quant=config.model.quant, rank=config.lora.rank,
+                target_modules=config.lora.target_modules, max_len=config.data.max_len,
+                batch_size=training.batch_size, grad_accum=training.grad_accum,
+                gradient_checkpointing=training.gradient_checkpointing, device=self.device(),
+            )
+        except TailorError as exc:
+            self.banner.show_message(exc.message, exc.hint)
+            return
+        self._adapter_page.apply_fit(fit)
+        self.refresh()
+        self.changes.setText("Auto-fit: " + " ".join(fit.changes) if fit.changes
+                             else "Auto-fit: these settings already fit; nothing changed.")
+
+    def validate(self) -> str | None:
+        try:
+            self._build_config()
+        except TailorError as exc:
+            return str(exc)
+        return None
+
+
+def total_steps(config: RunConfig, examples: int) -> int:
+    """The optimizer steps run_training will take (the same arithmetic as its loop)."""
+    training = config.training
+    if training.max_steps:
+        return training.max_steps
+    steps_per_epoch = math.ceil(math.ceil(examples / training.batch_size) / training.grad_accum)
+    return max(1, math.ceil(training.epochs * steps_per_epoch))
+
+
+def _swatch(colour: str) -> QIcon:
+    pixmap = QPixmap(12, 12)
+    pixmap.fill(QColor(colour))
+    return QIcon(pixmap)
+
+
+def _right_aligned(text: str, bold: bool = False) -> QTableWidgetItem:
+    item = QTableWidgetItem(text)
+    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+    if bold:
+        font = item.font()
+        font.setBold(True)
+        item.setFont(font)
+    return item
