@@ -312,6 +312,8 @@ class ChatPane(QWidget):
         self._thread.wait()
         self._thread = None
         self._worker = None
+        # The model went with the worker: panels must stop judging adapters against it.
+        loaded_base().publish(None)
 
     @Slot()
     def _open_chosen(self) -> None:

@@ -213,7 +213,7 @@ class LoadedBase(QObject):
         super().__init__()
         self.profile: BaseProfile | None = None
 
-    def publish(self, profile: BaseProfile) -> None:
+    def publish(self, profile: BaseProfile | None) -> None:
         self.profile = profile
         self.changed.emit(profile)
 
