@@ -59,26 +59,30 @@ def import_ml_stack(scratch: Path) -> str:
     return ", ".join(f"{module.__name__} {getattr(module, '__version__', None) or version(module.__name__)}" for module in modules)
 
 
-def train_tiny_model(scratch: Path) -> str:
-    """Two QLoRA steps on a tiny random Llama that uses the bundled SmolLM2's real tokenizer and chat template."""
+def build_tiny_llama(folder: Path, tokenizer) -> Path:
+    """A tiny random Llama (seconds to train) with a real tokenizer and chat template, saved as an HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_tiny_model(scratch: Path) -> str:
+    """Two QLoRA steps on a tiny random Llama that uses the bundled SmolLM2's real tokenizer and chat template."""
     from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
     from app.core.library import Library
     from app.core.models import load_tokenizer, quiet_transformers, resolve_base
     from app.core.training import run_training
 
     quiet_transformers()
-    tokenizer = load_tokenizer(resolve_base("default").folder)
-    model_folder = scratch / "tiny-llama"
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(model_folder)
-    tokenizer.save_pretrained(model_folder)
+    model_folder = build_tiny_llama(scratch / "tiny-llama", load_tokenizer(resolve_base("default").folder))
 
     data = scratch / "persona.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {n} plus {n}?"},
