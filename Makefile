@@ -31,8 +31,12 @@ test: install
 demo: install
 	$(PY) -m app.cli demo
 
+# The wizard and training shots build their own scratch library; the library, chat, compare and mixer shots show
+# real personas, so they read a library with at least two trained adapters (PERSONA_LIBRARY, default: yours).
+PERSONA_LIBRARY ?= $(or $(TAILOR_HOME),$(HOME)/.local/share/tailor)
 screenshots: install
 	QT_QPA_PLATFORM=offscreen $(PY) -m app.gui.screenshots docs/screenshots
+	QT_QPA_PLATFORM=offscreen $(PY) -m app.gui.persona_screenshots docs/screenshots "$(PERSONA_LIBRARY)"
 
 bench: install
 	$(PY) bench/train_throughput.py
