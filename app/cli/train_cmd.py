@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from app.core.config import (
@@ -31,7 +32,8 @@ def register(subparsers, common) -> None:
     parser.add_argument("--max-len", type=int, default=512, help="longest example in tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="trade ~30%% speed for much less memory")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute activations: much less memory for ~30%% more time (default: on)")
     parser.add_argument("--packing", action="store_true", help="pack each batch into one row (no padding)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
