@@ -51,7 +51,7 @@ def run_tailor(args) -> dict:
         data=DataSettings(path=str(DATASET), max_len=args.max_len, packing=args.packing),
         lora=LoraSettings(rank=RANK, alpha=ALPHA),
         training=TrainingSettings(max_steps=args.steps, batch_size=args.batch_size, learning_rate=LEARNING_RATE,
-                                  seed=SEED, checkpoint_every=10_000),
+                                  seed=SEED, checkpoint_every=10_000, gradient_checkpointing=args.gradient_checkpointing),
     )
     with tempfile.TemporaryDirectory() as library:
         run_training(config, Library(library), sink)
@@ -112,7 +112,8 @@ def run_reference(args) -> dict:
 
 def child(side: str, args) -> dict:
     command = [sys.executable, __file__, "--child", side, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-len", str(args.max_len)] + (["--packing"] if args.packing else [])
+               "--max-len", str(args.max_len)] + (["--packing"] if args.packing else []) + \
+              ([] if args.gradient_checkpointing else ["--no-gradient-checkpointing"])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{side} run failed:\n{done.stderr[-3000:]}")
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--packing", action="store_true", help="Tailor packs each batch into one row")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="Tailor's default; the reference never checkpoints")
     parser.add_argument("--child", choices=("tailor", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -136,7 +139,8 @@ def main() -> None:
     resolve_base("default")  # convert the bundled GGUF before timing, so neither side pays for it
     results = {side: child(side, args) for side in ("reference", "tailor")}
     print(f"SmolLM2-135M-Instruct, 4-bit NF4, rank {RANK}, batch {args.batch_size}, max length {args.max_len}, "
-          f"{args.steps} steps (first excluded as warm-up), {'packing' if args.packing else 'length grouping'}")
+          f"{args.steps} steps (first excluded as warm-up), {'packing' if args.packing else 'length grouping'}, "
+          f"Tailor gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     print(f"{'':12}{'real tokens':>12}{'seconds':>10}{'tokens/s':>10}{'peak RSS':>12}")
     speed = {}
     for side, result in results.items():
