@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,17 @@ class TrainingSettings:
         _require(self.batch_size >= 1, f"Batch size must be at least 1, not {self.batch_size}.")
         _require(self.grad_accum >= 1, f"Gradient accumulation must be at least 1, not {self.grad_accum}.")
         _require(self.checkpoint_every >= 1, "Checkpoint interval must be at least 1 step.")
+
+    def batches_per_epoch(self, examples: int) -> int:
+        return math.ceil(examples / self.batch_size)
+
+    def steps_per_epoch(self, examples: int) -> int:
+        """Optimizer steps in one pass; an optimizer step never straddles two epochs."""
+        return math.ceil(self.batches_per_epoch(examples) / self.grad_accum)
+
+    def planned_steps(self, examples: int) -> int:
+        """The optimizer steps a run over `examples` training examples takes."""
+        return self.max_steps or max(1, math.ceil(self.epochs * self.steps_per_epoch(examples)))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ sink function, so the same job drives a rich progress bar, the Qt training panel
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -97,8 +96,18 @@ Event = StatusEvent | StartEvent | StepEvent | CheckpointEvent | FinishedEvent |
 Sink = Callable[[Event], None]
 
 
+_EVENT_TYPES = {cls.__name__: cls for cls in (StatusEvent, StartEvent, StepEvent, CheckpointEvent, FinishedEvent,
+                                               PausedEvent)}
+
+
 def event_to_dict(event: Event) -> dict:
     return {"type": type(event).__name__, **asdict(event)}
+
+
+def event_from_dict(message: dict) -> Event | None:
+    """The event `event_to_dict` described; None for a message that is not an event."""
+    kind = _EVENT_TYPES.get(message.get("type"))
+    return kind(**{key: value for key, value in message.items() if key != "type"}) if kind else None
 
 
 class TrainingControl:
@@ -347,9 +356,9 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
     optimizer = torch.optim.AdamW(trainable, lr=config.training.learning_rate, weight_decay=config.training.weight_decay)
 
     training = config.training
-    batches_per_epoch = math.ceil(len(examples) / training.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / training.grad_accum)
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
+    batches_per_epoch = training.batches_per_epoch(len(examples))
+    steps_per_epoch = training.steps_per_epoch(len(examples))
+    total_steps = training.planned_steps(len(examples))
     scheduler = get_scheduler(training.lr_schedule, optimizer, num_warmup_steps=int(training.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     step, history = 0, []

@@ -25,17 +25,12 @@ import psutil
 
 from app.core.config import RunConfig
 from app.core.library import Library
-from app.core.training import (
-    CheckpointEvent, Event, FinishedEvent, PausedEvent, StartEvent, StatusEvent, StepEvent, TrainingControl,
-    event_to_dict, run_training,
-)
+from app.core.training import TrainingControl, event_to_dict, run_training
 from app.gui.failures import Failure, describe_failure
 
 PAUSE, STOP = "pause", "stop"
 BACKGROUND_NICENESS = 10
 RESULT, FAILURE = "Result", "Failure"
-_EVENT_TYPES = {cls.__name__: cls for cls in (StatusEvent, StartEvent, StepEvent, CheckpointEvent, FinishedEvent,
-                                               PausedEvent)}
 
 
 def child_command() -> list[str]:
@@ -47,12 +42,6 @@ def child_command() -> list[str]:
 
 def request_line(config: RunConfig, library: Library, resume: bool) -> str:
     return json.dumps({"config": config.to_dict(), "library": str(library.root), "resume": resume}) + "\n"
-
-
-def event_from_dict(message: dict) -> Event | None:
-    """The core event a line describes; None for a line that is not an event (the Result or Failure)."""
-    kind = _EVENT_TYPES.get(message.get("type"))
-    return kind(**{key: value for key, value in message.items() if key != "type"}) if kind else None
 
 
 def _obey(commands: IO[str], control: TrainingControl) -> None:

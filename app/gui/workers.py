@@ -19,7 +19,7 @@ from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from app.core.config import RunConfig
 from app.core.library import Library
-from app.core.training import TrainingControl, TrainingResult, run_training
+from app.core.training import TrainingControl, TrainingResult, event_from_dict, run_training
 from app.gui import training_process
 from app.gui.failures import OUT_OF_MEMORY, UNEXPECTED, Failure, ReportedFailure, describe_failure
 
@@ -99,7 +99,7 @@ class TrainingWorker(Worker):
             if line is None:
                 break
             message = json.loads(line)
-            event = training_process.event_from_dict(message)
+            event = event_from_dict(message)
             if event is not None:
                 self.event.emit(event)
             else:

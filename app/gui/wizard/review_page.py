@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import psutil
@@ -290,11 +289,7 @@ class ReviewPage(WizardPage):
 
 def total_steps(config: RunConfig, examples: int) -> int:
     """The optimizer steps run_training will take (the same arithmetic as its loop)."""
-    training = config.training
-    if training.max_steps:
-        return training.max_steps
-    steps_per_epoch = math.ceil(math.ceil(examples / training.batch_size) / training.grad_accum)
-    return max(1, math.ceil(training.epochs * steps_per_epoch))
+    return config.training.planned_steps(examples)
 
 
 def _swatch(colour: str) -> QIcon:
