@@ -1,0 +1,196 @@
+"""Which number format a run computes in, and what counts as running out of memory.
+
+Three things every training and chat path needs to agree on:
+
+- `compute_dtype(device)`: the dtype of activations and of bitsandbytes' 4-bit compute (`bnb_4bit_compute_dtype`).
+  On CUDA bf16 only where the GPU multiplies it natively (compute capability 8.0, Ampere, and newer). On Turing and
+  Pascal `torch.cuda.is_bf16_supported()` still answers yes, because bf16 can be *emulated* there, many times slower,
+  so it is not asked; those GPUs get fp16, whose narrow range needs autocast and a GradScaler (the returned
+  `needs_grad_scaler`). On the CPU bf16 where the CPU has native bf16 matrix units (AMX) and it measured faster for
+  Tailor's work (bench/cpu_compute_dtype.py), else fp32.
+- `is_out_of_memory(exc)`: an allocation failure, whatever shape it arrives in. torch raises `torch.OutOfMemoryError`
+  for its caching allocator, but cuBLAS, bitsandbytes' CUDA kernels and the CPU allocator report the same event as a
+  plain RuntimeError with a message, and Python's own allocator as MemoryError. All of them mean "the settings need
+  less memory", never "a bug in Tailor".
+- `simulated_oom_steps()` / `raise_simulated_oom(step)`: the test seam `TAILOR_SIMULATE_OOM_AT=STEP[,STEP]` raises the
+  real `torch.OutOfMemoryError` at those optimizer steps, so OOM recovery can be watched on any machine.
+
+torch is imported inside the functions, so importing this module stays free.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from app.core.errors import TailorError
+
+NATIVE_BF16_CAPABILITY = (8, 0)
+"""Ampere (A100, RTX 30xx) and newer have bf16 tensor cores; older GPUs only emulate bf16."""
+
+SIMULATE_OOM_ENV = "TAILOR_SIMULATE_OOM_AT"
+"""Test seam: comma-separated optimizer steps (1-based, as in training_log.json) at which to raise a real OOM."""
+SIMULATED_OOM_MESSAGE = "Simulated out of memory at step {step} ({env} is set)."
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of native bf16 arithmetic: AMX tiles (Sapphire Rapids and newer) and AVX512-BF16 dot products
+(Cooper Lake, Zen 4)."""
+CPU_BF16_FASTER_WITH = "amx_bf16"
+"""bf16 measured faster than fp32 only with AMX (see bench/cpu_compute_dtype.py and the table below); AVX512-BF16
+alone speeds up dot products but not the dequantise-then-matmul path bitsandbytes takes, so those CPUs stay fp32."""
+
+
+class ComputePrecision(NamedTuple):
+    """What a run computes in on one device."""
+
+    dtype: Any
+    """torch.bfloat16, torch.float16 or torch.float32: the model's dtype and bitsandbytes' 4-bit compute dtype."""
+    needs_grad_scaler: bool
+    """fp16 on CUDA: run forward under torch.autocast('cuda', torch.float16) and scale the loss with
+    torch.amp.GradScaler, or small gradients underflow to zero. False for bf16 and fp32, which need neither."""
+    reason: str
+    """Plain words on why, for `tailor doctor` and logs."""
+
+
+def cuda_precision(capability: tuple[int, int]) -> ComputePrecision:
+    """bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 with autocast + GradScaler below."""
+    import torch
+
+    major, minor = capability
+    if (major, minor) >= NATIVE_BF16_CAPABILITY:
+        return ComputePrecision(torch.bfloat16, False, f"bf16: compute capability {major}.{minor} has bf16 tensor cores")
+    return ComputePrecision(torch.float16, True,
+                            f"fp16 with loss scaling: compute capability {major}.{minor} has no native bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The native-bf16 flags this CPU reports (Linux /proc/cpuinfo); empty where they cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no flags to read, so no claim of native bf16
+            return frozenset()
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return frozenset(flags & set(CPU_BF16_FLAGS))
+
+
+def cpu_precision(flags: frozenset[str]) -> ComputePrecision:
+    """bf16 on CPUs where it measured faster than fp32 (AMX), fp32 everywhere else."""
+    import torch
+
+    if CPU_BF16_FASTER_WITH in flags:
+        return ComputePrecision(torch.bfloat16, False, "bf16: this CPU has AMX bf16 units, faster than fp32")
+    if flags:
+        return ComputePrecision(torch.float32, False,
+                                "fp32: this CPU has AVX512-BF16 but no AMX; bf16 is not faster without AMX")
+    return ComputePrecision(torch.float32, False, "fp32: this CPU has no native bf16, where bf16 is slower")
+
+
+def compute_dtype(device: str) -> ComputePrecision:
+    """The precision to train and chat in on `device` ('cuda', 'cuda:N' or 'cpu')."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index
+        return cuda_precision(tuple(torch.cuda.get_device_capability(torch.cuda.current_device() if index is None
+                                                                     else index)))
+    return _cpu_precision_here()
+
+
+@functools.cache
+def _cpu_precision_here() -> ComputePrecision:
+    return cpu_precision(cpu_bf16_flags())
+
+
+# Out-of-memory recognition
+
+# Message texts that mean an allocation failed, as the libraries word them (collected from their sources):
+_OUT_OF_MEMORY_PATTERNS = re.compile("|".join((
+    # torch's CUDA caching allocator: "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; ...)"; HIP and XPU
+    # builds say "HIP out of memory." / "XPU out of memory." the same way (accelerate's should_reduce_batch_size).
+    r"\b(CUDA|HIP|XPU) out of memory",
+    # A CUDA runtime call that failed with cudaErrorMemoryAllocation, via C10_CUDA_CHECK: "CUDA error: out of memory".
+    r"CUDA error: out of memory",
+    # cuBLAS could not get its workspace: "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`".
+    r"CUBLAS_STATUS_ALLOC_FAILED",
+    # cuDNN: "cuDNN error: CUDNN_STATUS_ALLOC_FAILED" / "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE".
+    r"CUDNN_STATUS_(ALLOC_FAILED|NOT_ENOUGH_WORKSPACE)",
+    # bitsandbytes' CUDA kernels: "Error out of memory at line 88 in file /src/csrc/ops.cu" (cudaGetErrorString).
+    r"Error out of memory at line \d+",
+    # Apple's MPS backend: "MPS backend out of memory (MPS allocated: ...)".
+    r"MPS backend out of memory",
+    # torch's CPU allocator: "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate
+    # memory: you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)"; Windows builds
+    # say "DefaultCPUAllocator: not enough memory".
+    r"DefaultCPUAllocator: (can't allocate memory|not enough memory)",
+    # c10's generic allocation failure: "C10 Out of Memory. Trying to allocate ...".
+    r"C10 Out of Memory",
+)))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when `exc` (or the exception it was raised from) reports that memory ran out, on the GPU or the CPU."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or _is_torch_out_of_memory(exc):
+            return True
+        if isinstance(exc, RuntimeError) and _OUT_OF_MEMORY_PATTERNS.search(str(exc)):
+            return True
+        # A wrapper (ours, or a library's) that re-raised the failure keeps it as its cause.
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _is_torch_out_of_memory(exc: BaseException) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # an exception from torch means torch is imported already; never import it here
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+# Fault injection (test seam)
+
+
+def simulated_oom_steps(environ: dict[str, str] | None = None) -> frozenset[int]:
+    """The optimizer steps listed in TAILOR_SIMULATE_OOM_AT ('3' or '3,7'); empty when it is unset or blank."""
+    raw = (os.environ if environ is None else environ).get(SIMULATE_OOM_ENV, "").strip()
+    if not raw:
+        return frozenset()
+    steps = set()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise TailorError(f"{SIMULATE_OOM_ENV}={raw!r} is not a list of step numbers.",
+                              f"Use positive whole numbers separated by commas, like {SIMULATE_OOM_ENV}=3,7; or unset it.")
+        steps.add(int(part))
+    return frozenset(steps)
+
+
+def raise_simulated_oom(step: int, steps: frozenset[int]) -> None:
+    """Raise the real torch.OutOfMemoryError when `step` is one of `steps`; do nothing otherwise."""
+    if step in steps:
+        import torch
+
+        raise torch.OutOfMemoryError(SIMULATED_OOM_MESSAGE.format(step=step, env=SIMULATE_OOM_ENV))
+
+
+class OomSimulator:
+    """The seam as a run uses it: each listed step fails once, so the retry after recovery gets past it (a real
+    out-of-memory at the same settings would fail again; after recovery the settings are smaller)."""
+
+    def __init__(self, steps: frozenset[int] | None = None):
+        self.pending = set(simulated_oom_steps() if steps is None else steps)
+
+    def check(self, step: int) -> None:
+        """Call once per optimizer step (1-based), inside the step's try block, before the optimizer updates."""
+        if step in self.pending:
+            self.pending.discard(step)
+            raise_simulated_oom(step, frozenset({step}))
