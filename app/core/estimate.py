@@ -1,16 +1,20 @@
 """Peak training memory, estimated from a model's shape before anything is downloaded or loaded.
 
-What the estimate counts, all in bytes, at the moment of the peak (the start of the backward pass, when every saved
-activation, the logits and their gradients are alive together):
+The estimate models Tailor's own trainer (app/core/training.py), not a generic recipe. Everything is in bytes.
 
+Static for the whole run:
 - Base weights. Block linears at 4.52 bits each in NF4 with double quantisation (4 bits plus an 8-bit absmax per
   64 weights plus an fp32 absmax per 256 of those), at 1 byte plus an fp32 scale per output row in 8-bit, or in the
-  compute dtype unquantised. Embeddings, an untied output head and biases stay in the compute dtype; a tied head is
-  counted once. Norm weights are counted at fp32.
-- LoRA: A (r x in) and B (out x r) per targeted linear, in fp32, plus AdamW's two fp32 moments and an fp32
-  gradient per trainable weight. The count is exact: it equals peft's trainable parameters.
-- Activations, per token and per decoder block, in the compute dtype unless noted. They were checked against the
-  tensors autograd really saves for a Llama block on the CPU (about 6% more, on purpose):
+  compute dtype unquantised. bitsandbytes never quantises the embeddings or the output head, so they stay in the
+  compute dtype (a tied head is counted once); so do biases. Norm weights are counted at fp32.
+- LoRA: A (r x in) and B (out x r) per targeted linear in fp32 (peft keeps adapters in fp32 over a quantised base),
+  plus AdamW's two fp32 moments and one fp32 gradient per trainable weight. The count is exact: it equals peft's
+  trainable parameters.
+- Runtime: on CUDA the context the driver, cuBLAS and the kernels take before the first tensor; on the CPU the
+  Python interpreter with PyTorch, transformers, peft and bitsandbytes loaded, and the tokenizer and dataset.
+
+Activations, at the moment of the peak. Autograd saves, per token and per decoder block, in the compute dtype unless
+noted (checked against the tensors autograd really saves for a Llama block, about 6% more, on purpose):
     * residual stream: 2 x hidden, plus 2 x hidden in fp32 per RMSNorm (norms upcast to fp32 inside);
     * attention: 5 x heads x head_dim (q, k and v expanded to every head, the output, o_proj's input), the fp32
       log-sum-exp per head, and the attention mask (one value per key position);
@@ -19,14 +23,18 @@ activation, the logits and their gradients are alive together):
       it; Tailor's default dropout is above zero) plus a 1-byte dropout mask, and the rank-wide A output in fp32.
   Gemma 2 has no fused attention kernel (its logit soft-capping needs the eager path), so its heads x length
   attention scores are kept too, in fp32 and the compute dtype.
-  Without gradient checkpointing every block's activations are saved; with it only each block's input is, and one
-  block at a time is recomputed. Either way one more block's worth is added as the backward pass's working memory,
-  plus one dequantised copy of the largest linear weight, which bitsandbytes makes for each matmul.
-- Logits: batch x length x vocab in the compute dtype, plus three fp32 copies (the upcast's log-softmax, the
-  gradient flowing into it, and the gradient of the logits). Tailor's training loop applies the output head only at
-  trained tokens, which is usually far fewer; the estimate assumes every position is trained, because a dataset of
-  long replies gets close to that and an estimate that is too low ends in an out-of-memory crash.
-- CUDA context: about 0.5 GB that the driver, cuBLAS and the kernels take before the first tensor (none on the CPU).
+Without gradient checkpointing every block's activations stay saved until the backward pass reaches that block; with
+it only each block's input (hidden x compute dtype per token) is kept, and one block at a time is recomputed.
+
+On top of what is saved, the backward pass has two transient peaks that never overlap, so only the larger counts:
+- The loss. Tailor applies the output head only at trained tokens (labels that are not masked), so the logits are
+  trained_tokens x vocab, not length x vocab. Its backward holds three fp32 values per logit at once: the saved
+  log-softmax, the gradient flowing into it and the gradient of the logits (12 bytes; the compute-dtype logits of
+  the forward pass are freed by then). Every logit tensor is freed before the backward pass enters the last block.
+- A block's backward: the recomputed block (with checkpointing), the gradients it produces (a share of a block,
+  measured), and the one dequantised copy of a linear weight that bitsandbytes makes for each 4-/8-bit matmul.
+`trained_share` is the share of a max-length example's tokens that carry a label; the default is what persona
+chat data gives (the bundled pirate and butler sets: 80%; the haiku set, short replies: 44%).
 """
 
 from __future__ import annotations
@@ -52,7 +60,17 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES_PER_WEIGHT = 1.0
 FP32_BYTES = 4
 DROPOUT_MASK_BYTES = 1
+LOSS_BYTES_PER_LOGIT = 3 * FP32_BYTES
+"""Saved fp32 log-softmax + fp32 gradient into it + fp32 gradient of the logits, alive together in the backward."""
+TRAINED_SHARE = 0.75
+"""Default share of a max-length example's tokens that are trained (assistant replies); see the module docstring."""
+BLOCK_BACKWARD_WORKING_SHARE = 0.5
+"""Gradients alive while one block runs its backward, as a share of that block's saved activations (measured on
+the CPU: autograd frees each activation's gradient as soon as the next one is computed)."""
 CUDA_CONTEXT_BYTES = GB // 2
+CPU_RUNTIME_BYTES = 600 * 1024**2
+"""Resident memory of a CPU training process before the model loads: Python with torch, transformers, peft and
+bitsandbytes imported, and the tokenizer (measured on Linux x86-64 with bench/estimate_vs_rss.py)."""
 
 
 @dataclass(frozen=True)
@@ -68,15 +86,24 @@ class MemoryEstimate:
     gradients: int
     """One fp32 gradient per trainable weight."""
     activations: int
-    """Tensors saved for the backward pass, plus the backward's working memory."""
+    """Tensors saved for the backward pass: every block's, or with gradient checkpointing only each block's input."""
     logits: int
-    """Output-head logits and the loss's fp32 copies and gradients."""
-    cuda_context: int
-    """Memory the CUDA driver and libraries take before the first tensor; 0 on the CPU."""
+    """The loss's peak: trained tokens x vocabulary logits, with the log-softmax and its gradients in fp32."""
+    block_backward: int
+    """One block's backward: the recomputed block (with checkpointing), its gradients and a dequantised weight."""
+    runtime: int
+    """CUDA: the context the driver and libraries take before the first tensor. CPU: Python and the libraries."""
     lora_param_count: int
     """Trainable LoRA parameters: sum of r x (in + out) over the targeted linears of every block."""
     gradient_checkpointing: bool
     """Whether the activations were counted with gradient checkpointing on."""
+    device: str = "cuda"
+    """'cuda' or 'cpu': where the run would happen."""
+
+    @property
+    def backward_peak(self) -> int:
+        """The larger of the two transient peaks; they happen one after the other, never together."""
+        return max(self.logits, self.block_backward)
 
     @property
     def total(self) -> int:
@@ -87,18 +114,26 @@ class MemoryEstimate:
         return self.total / GB
 
     def rows(self) -> list[tuple[str, int]]:
-        """(label, bytes) for each part, in the order a table shows them; the CUDA row only where there is one."""
-        rows = [
-            ("Base model weights", self.base_weights),
-            ("LoRA adapter", self.adapter_weights),
-            ("Optimizer state (AdamW)", self.optimizer_states),
-            ("Gradients", self.gradients),
-            ("Activations" + (" (gradient checkpointing)" if self.gradient_checkpointing else ""), self.activations),
-            ("Logits and loss", self.logits),
+        """(label, bytes) for each part, in the order a table shows them."""
+        return [(label, amount) for label, amount, _ in self._parts()]
+
+    def row_fields(self) -> list[str]:
+        """The field whose docstring explains each row of rows(), for tooltips."""
+        return [field for _, _, field in self._parts()]
+
+    def _parts(self) -> list[tuple[str, int, str]]:
+        peak = ("Backward peak: logits and loss", self.logits, "logits") if self.logits >= self.block_backward \
+            else ("Backward peak: one block", self.block_backward, "block_backward")
+        return [
+            ("Base model weights", self.base_weights, "base_weights"),
+            ("LoRA adapter", self.adapter_weights, "adapter_weights"),
+            ("Optimizer state (AdamW)", self.optimizer_states, "optimizer_states"),
+            ("Gradients", self.gradients, "gradients"),
+            ("Saved activations" + (" (gradient checkpointing)" if self.gradient_checkpointing else ""),
+             self.activations, "activations"),
+            peak,
+            ("CUDA context" if self.device == "cuda" else "Python and libraries", self.runtime, "runtime"),
         ]
-        if self.cuda_context:
-            rows.append(("CUDA context", self.cuda_context))
-        return rows
 
 
 @dataclass(frozen=True)
@@ -166,6 +201,14 @@ def _block_activation_bytes_per_token(shape: ModelShape, targets: tuple[LinearLa
     return residual + attention + mlp + lora
 
 
+def default_compute_bytes(device: str) -> int:
+    """Bytes per value in the dtype Tailor computes in on `device` (app.core.precision decides; no torch needed):
+    2 on CUDA (bf16, or fp16 on older GPUs), 2 on a CPU with AMX (bf16), 4 on other CPUs (fp32)."""
+    from app.core.precision import cpu_prefers_bf16
+
+    return 2 if device == "cuda" or cpu_prefers_bf16() else FP32_BYTES
+
+
 def estimate_training_memory(
     shape: ModelShape,
     *,
@@ -177,11 +220,12 @@ def estimate_training_memory(
     gradient_checkpointing: bool = True,
     device: str = "cuda",
     compute_bytes: int | None = None,
+    trained_share: float = TRAINED_SHARE,
 ) -> MemoryEstimate:
     """Peak memory of a LoRA/QLoRA run with these settings (see the module docstring for what is counted).
 
-    compute_bytes is the size of one value in the compute dtype; by default 2 (bf16/fp16) on CUDA and 4 (fp32) on the
-    CPU, which is what Tailor loads models with.
+    compute_bytes is the size of one value in the compute dtype; by default what Tailor computes in on that device
+    (default_compute_bytes). trained_share is the share of tokens that carry a label (0-1].
     """
     if quant not in QUANT_CHOICES:
         raise TailorError(f"Quantisation must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'.")
@@ -189,34 +233,41 @@ def estimate_training_memory(
         raise TailorError(f"The device must be one of {', '.join(DEVICES)}, not '{device}'.")
     if rank < 1 or max_len < 1 or batch_size < 1:
         raise TailorError(f"Rank, max length and batch size must be at least 1 (got {rank}, {max_len}, {batch_size}).")
-    compute_bytes = compute_bytes or (2 if device == "cuda" else FP32_BYTES)
+    if not 0 < trained_share <= 1:
+        raise TailorError(f"The share of trained tokens must be in (0, 1], not {trained_share}.")
+    compute_bytes = compute_bytes or default_compute_bytes(device)
 
     targets = select_targets(shape, target_modules)
     trainable = lora_param_count(shape, rank, target_modules)
     tokens = batch_size * max_len
 
     block = tokens * _block_activation_bytes_per_token(shape, targets, rank, max_len, compute_bytes)
-    if gradient_checkpointing:
-        saved = shape.num_hidden_layers * tokens * shape.hidden_size * compute_bytes + block
-    else:
-        saved = shape.num_hidden_layers * block
-    backward_working = block
+    block_inputs = shape.num_hidden_layers * tokens * shape.hidden_size * compute_bytes
+    # The final norm's saved fp32 input and output, and the hidden states the output head reads at trained tokens.
     final_norm = tokens * 2 * shape.hidden_size * FP32_BYTES
+    saved = (block_inputs if gradient_checkpointing else shape.num_hidden_layers * block) + final_norm
+
+    trained_tokens = math.ceil(tokens * trained_share)
+    logits = trained_tokens * (shape.vocab_size * LOSS_BYTES_PER_LOGIT + shape.hidden_size * compute_bytes)
     dequantised_weight = (
         max(layer.in_features * layer.out_features for layer in shape.linear_layers()) * compute_bytes
         if quant != "none" else 0
     )
+    recomputed = block if gradient_checkpointing else 0
+    block_backward = recomputed + BLOCK_BACKWARD_WORKING_SHARE * block + dequantised_weight
 
     return MemoryEstimate(
         base_weights=_base_weight_bytes(shape, quant, compute_bytes),
         adapter_weights=trainable * FP32_BYTES,
         optimizer_states=2 * trainable * FP32_BYTES,
         gradients=trainable * FP32_BYTES,
-        activations=math.ceil(saved + backward_working + final_norm + dequantised_weight),
-        logits=tokens * shape.vocab_size * (compute_bytes + 3 * FP32_BYTES),
-        cuda_context=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        activations=math.ceil(saved),
+        logits=math.ceil(logits),
+        block_backward=math.ceil(block_backward),
+        runtime=CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
         lora_param_count=trainable,
         gradient_checkpointing=gradient_checkpointing,
+        device=device,
     )
 
 
@@ -272,6 +323,7 @@ def auto_fit(
     gradient_checkpointing: bool = False,
     device: str = "cuda",
     compute_bytes: int | None = None,
+    trained_share: float = TRAINED_SHARE,
 ) -> FitSuggestion:
     """The requested settings, or the nearest ones that 'fit' (leave 15% of available_bytes spare).
 
@@ -284,6 +336,7 @@ def auto_fit(
         estimate = estimate_training_memory(
             shape, quant=quant, rank=rank, target_modules=target_modules, max_len=length, batch_size=batch,
             gradient_checkpointing=checkpointing, device=device, compute_bytes=compute_bytes,
+            trained_share=trained_share,
         )
         if verdict(estimate.total, available_bytes) == FITS:
             return FitSuggestion(batch, accum, length, checkpointing, estimate, _describe_changes(requested, candidate))

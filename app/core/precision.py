@@ -81,11 +81,16 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset(flags & set(CPU_BF16_FLAGS))
 
 
+def cpu_prefers_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether bf16 is the faster compute dtype on this CPU (or one with these flags); needs no torch."""
+    return CPU_BF16_FASTER_WITH in (cpu_bf16_flags() if flags is None else flags)
+
+
 def cpu_precision(flags: frozenset[str]) -> ComputePrecision:
     """bf16 on CPUs where it measured faster than fp32 (AMX), fp32 everywhere else."""
     import torch
 
-    if CPU_BF16_FASTER_WITH in flags:
+    if cpu_prefers_bf16(flags):
         return ComputePrecision(torch.bfloat16, False, "bf16: this CPU has AMX bf16 units, faster than fp32")
     if flags:
         return ComputePrecision(torch.float32, False,

@@ -13,13 +13,15 @@ import weakref
 from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
-from app.core.gpu import GpuMonitor, GpuSnapshot, SystemSnapshot
+from app.core.gpu import DeviceIdentity, GpuMonitor, GpuSnapshot, SystemSnapshot
 from app.gui.style import BAD, MUTED, gigabytes
 from app.gui.workers import Job, Worker
 
 POLL_INTERVAL_MS = 500
 """2 Hz: lively enough to watch memory climb as a model loads, rare enough to cost nothing."""
 SHUTDOWN_WAIT_MS = 3000
+TRAINS_HERE = "Tailor trains here"
+"""Marks, on a machine with several GPUs, the one torch uses (NVML's numbering differs from CUDA's)."""
 
 
 class _PollWorker(Worker):
@@ -56,12 +58,10 @@ class _Gauge(QFrame):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(8, 4, 8, 4)
         layout.setSpacing(2)
-        top = QHBoxLayout()
-        top.addWidget(self.caption)
-        top.addStretch(1)
-        top.addWidget(self.details)
-        layout.addLayout(top)
+        # Caption, bar and readings each get the whole width: GPU names are long.
+        layout.addWidget(self.caption)
         layout.addWidget(self.bar)
+        layout.addWidget(self.details)
         self.setMinimumWidth(260)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
 
@@ -143,14 +143,25 @@ class GpuStrip(QFrame):
         self.stop()
         super().closeEvent(event)
 
+    def set_training_device(self, identity: DeviceIdentity) -> None:
+        """The GPU the trainer reports it runs on (torch_device_identity() in its process); marked from the next poll."""
+        self.monitor.set_training_device(identity)
+
     # Display
 
     @Slot(object)
     def show_snapshot(self, snapshot: SystemSnapshot) -> None:
         self.latest = snapshot
         self._match_gauges(len(snapshot.gpus))
-        for gauge, gpu in zip(self._gpu_gauges, snapshot.gpus):
-            gauge.show_usage(f"GPU {gpu.index} · {gpu.name}", gpu.memory_used, gpu.memory_total, gpu_details(gpu))
+        # The GPU torch trains on comes first; NVML's numbering (nvidia-smi's) stays in the caption.
+        ordered = sorted(snapshot.gpus, key=lambda gpu: not gpu.trains_here)
+        several = len(snapshot.gpus) > 1
+        for gauge, gpu in zip(self._gpu_gauges, ordered):
+            details = gpu_details(gpu)
+            if several and gpu.trains_here:
+                details = " · ".join(filter(None, (TRAINS_HERE, details)))
+            gauge.show_usage(f"GPU {gpu.index} · {gpu.name}", gpu.memory_used, gpu.memory_total, details)
+            gauge.caption.setToolTip(gauge.caption.text())
         self.ram_gauge.show_usage("System RAM", snapshot.ram_used, snapshot.ram_total, "")
         self.notice.setText(snapshot.message)
         self.notice.setVisible(bool(snapshot.message))

@@ -60,6 +60,12 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle):
         return self.gpus[handle.index]["name"]
 
+    def nvmlDeviceGetUUID(self, handle):
+        return self.gpus[handle.index]["uuid"]
+
+    def nvmlDeviceGetPciInfo(self, handle):
+        return SimpleNamespace(busId=self.gpus[handle.index]["pci"], domain=0)
+
     def nvmlDeviceGetMemoryInfo(self, handle):
         polls = self.memory_polls[handle.index] = self.memory_polls.get(handle.index, 0) + 1
         if polls > self.lost_after_polls.get(handle.index, polls):
@@ -80,8 +86,12 @@ class FakeNvml:
         return self.gpus[handle.index]["milliwatts"]
 
 
-RTX_4070 = dict(name="NVIDIA GeForce RTX 4070", used=1500 * MIB, total=12282 * MIB, util=87, temp=64, milliwatts=181_250)
-GTX_1060 = dict(name=b"NVIDIA GeForce GTX 1060 6GB", used=300 * MIB, total=6144 * MIB, util=0, temp=41, milliwatts=9_000)
+RTX_4070 = dict(name="NVIDIA GeForce RTX 4070", used=1500 * MIB, total=12282 * MIB, util=87, temp=64, milliwatts=181_250,
+                uuid="GPU-8f5e2a10-3c4d-4e5f-a6b7-c8d9e0f1a2b3", pci="00000000:01:00.0")
+GTX_1060 = dict(name=b"NVIDIA GeForce GTX 1060 6GB", used=300 * MIB, total=6144 * MIB, util=0, temp=41, milliwatts=9_000,
+                uuid=b"GPU-1d2c3b4a-5f6e-4789-8a9b-0c1d2e3f4a5b", pci=b"00000000:41:00.0")  # older pynvml: bytes
+RTX_3090 = dict(name="NVIDIA GeForce RTX 3090", used=900 * MIB, total=24576 * MIB, util=5, temp=38, milliwatts=30_000,
+                uuid="GPU-e0e1e2e3-0000-4000-8000-3090aaaabbbb", pci="00000000:81:00.0")
 
 
 def test_readings_come_through_in_bytes_percent_degrees_and_watts():
@@ -152,7 +162,8 @@ def test_nvml_is_initialised_once_and_handles_are_cached():
     assert (fake.init_calls, fake.handle_calls) == (2, 4)
 
 
-def test_free_memory_is_vram_of_gpu_0_or_system_ram():
+def test_free_memory_is_vram_of_the_training_gpu_or_system_ram(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     fake = FakeNvml([RTX_4070])
     assert free_memory_bytes("cuda", nvml=fake) == (12282 - 1500) * MIB
     assert fake.shutdown_calls == 1
@@ -188,3 +199,129 @@ def test_importing_the_module_loads_neither_nvml_nor_torch():
     code = "import sys, app.core.gpu; print('pynvml' in sys.modules, 'torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.split() == ["False", "False"]
+
+
+# Which GPU torch trains on. NVML numbers GPUs by PCI bus; CUDA numbers only the visible ones, in
+# CUDA_VISIBLE_DEVICES order (or fastest first), so the monitor must match by identity, never by index.
+
+MACHINE = [RTX_4070, GTX_1060, RTX_3090]
+"""Three cards in PCI bus order (01, 41, 81): NVML's indices 0, 1, 2."""
+
+
+class FakeCudaRuntime:
+    """A FAKE torch.cuda for a machine without NVIDIA GPUs: it enumerates MACHINE-like cards the way the CUDA
+    runtime does (CUDA_VISIBLE_DEVICES picks and reorders them, by index or UUID prefix; unset means all of them,
+    fastest first) and reports each one's properties as torch does: UUID without the 'GPU-' prefix, PCI address as
+    integers."""
+
+    FASTEST_FIRST = (2, 0, 1)  # the RTX 3090 is CUDA's device 0 by default, though it sits last on the PCI bus
+
+    def __init__(self, gpus, environ):
+        self.gpus = gpus
+        visible = environ.get("CUDA_VISIBLE_DEVICES")
+        order = list(range(len(gpus))) if environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" else list(self.FASTEST_FIRST)
+        if visible is None:
+            self.visible = order
+        else:
+            self.visible = []
+            for entry in visible.split(","):
+                entry = entry.strip()
+                if entry.isdigit():
+                    self.visible.append(order[int(entry)])
+                else:
+                    self.visible += [i for i, gpu in enumerate(gpus) if _text_of(gpu["uuid"]).startswith(entry)]
+
+    def current_device(self) -> int:
+        return 0
+
+    def get_device_properties(self, index: int):
+        gpu = self.gpus[self.visible[index]]
+        domain, bus, rest = _text_of(gpu["pci"]).split(":")
+        return SimpleNamespace(name=_text_of(gpu["name"]), uuid=_text_of(gpu["uuid"]).removeprefix("GPU-"),
+                               pci_domain_id=int(domain, 16), pci_bus_id=int(bus, 16),
+                               pci_device_id=int(rest.split(".")[0], 16))
+
+
+def _text_of(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@pytest.mark.parametrize("environ, expected_name", [
+    ({}, "NVIDIA GeForce RTX 3090"),  # fastest first: CUDA's 0 is NVML's 2
+    ({"CUDA_VISIBLE_DEVICES": "1,0"}, "NVIDIA GeForce RTX 4070"),  # CUDA's 1 (fastest-first) is NVML's 0
+    ({"CUDA_VISIBLE_DEVICES": "2,0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, "NVIDIA GeForce RTX 3090"),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-1d2c"}, "NVIDIA GeForce GTX 1060 6GB"),  # a UUID prefix
+])
+def test_the_gauge_marked_for_training_is_the_gpu_torch_uses(monkeypatch, environ, expected_name):
+    from app.core.gpu import torch_device_identity
+
+    cuda = FakeCudaRuntime(MACHINE, environ)
+    monkeypatch.setattr("torch.cuda", cuda)
+    monitor = GpuMonitor(nvml=FakeNvml(MACHINE))
+    monitor.set_training_device(torch_device_identity())
+    snapshot = monitor.snapshot()
+
+    assert [gpu.index for gpu in snapshot.gpus] == [0, 1, 2], "every card is still shown, in NVML's order"
+    assert snapshot.training_gpu.name == expected_name == cuda.get_device_properties(0).name
+    assert sum(gpu.trains_here for gpu in snapshot.gpus) == 1
+    chosen = next(gpu for gpu in MACHINE if _text_of(gpu["name"]) == expected_name)
+    assert monitor.free_gpu_memory() == chosen["total"] - chosen["used"]
+
+
+def test_torch_identity_carries_uuid_and_pci_address(monkeypatch):
+    from app.core.gpu import DeviceIdentity, torch_device_identity
+
+    monkeypatch.setattr("torch.cuda", FakeCudaRuntime(MACHINE, {"CUDA_VISIBLE_DEVICES": "0"}))
+    assert torch_device_identity() == DeviceIdentity(uuid="e0e1e2e3-0000-4000-8000-3090aaaabbbb",
+                                                     pci_bus_id="00000000:81:00.0")
+
+
+@pytest.mark.parametrize("identity_kwargs, expected", [
+    (dict(pci_bus_id="0000:41:00.0"), 1),  # sysfs-style 4-digit domain, no UUID
+    (dict(uuid="GPU-8F5E2A10-3C4D-4E5F-A6B7-C8D9E0F1A2B3"), 0),  # case does not matter
+    (dict(uuid="GPU-0000dead"), None),  # a card that is not in this machine
+    (dict(uuid="GPU-"), None),  # a prefix that fits every card names none of them
+])
+def test_identity_matching_by_uuid_or_pci_bus(identity_kwargs, expected):
+    from app.core.gpu import DeviceIdentity
+
+    monitor = GpuMonitor(nvml=FakeNvml(MACHINE), training_device=DeviceIdentity(**identity_kwargs))
+    assert monitor.training_index == expected
+    snapshot = monitor.snapshot()
+    if expected is None:  # unknown: the GPU with the least free memory stands in, so fit is never overstated
+        assert not any(gpu.trains_here for gpu in snapshot.gpus)
+        assert snapshot.training_gpu.name == "NVIDIA GeForce GTX 1060 6GB"
+    else:
+        assert snapshot.training_gpu == snapshot.gpus[expected] and snapshot.gpus[expected].trains_here
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),  # mixed cards, CUDA's fastest-first 0 cannot be told from NVML alone
+    ({"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, 2),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-e0e1e2e3"}, 2),
+    ({"CUDA_VISIBLE_DEVICES": ""}, None),  # every GPU hidden: torch trains on the CPU
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, None),
+    ({"CUDA_VISIBLE_DEVICES": "MIG-9a8b7c6d"}, None),
+])
+def test_without_torch_the_environment_decides(monkeypatch, environ, expected):
+    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monitor = GpuMonitor(nvml=FakeNvml(MACHINE))
+    assert monitor.training_index == expected
+    hidden = environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    snapshot = monitor.snapshot()
+    assert snapshot.gpus_hidden == hidden and len(snapshot.gpus) == 3
+    assert (snapshot.training_gpu is None) == hidden, "with every GPU hidden, training runs on the CPU"
+
+
+def test_alike_cards_are_in_the_same_order_for_nvml_and_cuda(monkeypatch):
+    twins = [dict(RTX_4070, uuid=f"GPU-{n}000", pci=f"00000000:{n}1:00.0") for n in range(3)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert GpuMonitor(nvml=FakeNvml(twins)).training_index == 1
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert GpuMonitor(nvml=FakeNvml(twins)).training_index == 0
+    single = GpuMonitor(nvml=FakeNvml([RTX_4070]))
+    assert single.snapshot().training_gpu.name == "NVIDIA GeForce RTX 4070"

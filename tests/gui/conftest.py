@@ -117,6 +117,9 @@ class FakeGpu:
     power_mw: int | None = 120_000
     """None: this GPU does not report power (NVML says 'not supported', as many laptop GPUs do)."""
     lost: bool = False
+    uuid: str = "GPU-8f5e2a10-3c4d-4e5f-a6b7-c8d9e0f1a2b3"
+    """What nvmlDeviceGetUUID answers; the GPU torch trains on is matched by it."""
+    pci_bus_id: str = "00000000:01:00.0"
 
 
 class FakeNvml:
@@ -171,6 +174,14 @@ class FakeNvml:
     def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:
         self._check(gpu)
         return gpu.name
+
+    def nvmlDeviceGetUUID(self, gpu: FakeGpu) -> str:
+        self._check(gpu)
+        return gpu.uuid
+
+    def nvmlDeviceGetPciInfo(self, gpu: FakeGpu):
+        self._check(gpu)
+        return SimpleNamespace(busId=gpu.pci_bus_id)
 
     def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu):
         if self.delay_s:

@@ -108,3 +108,31 @@ def test_a_slow_driver_does_not_stall_the_window(qtbot, fakes):
     gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
     assert max(gaps) < 150, f"the GUI thread stalled for {max(gaps)} ms while NVML was slow"
     assert strip.latest is not None and len(strip._gpu_gauges) == 1
+
+
+def test_on_a_multi_gpu_machine_the_training_gpu_is_marked_and_shown_first(qtbot, fakes, monkeypatch, tmp_path):
+    """Three cards (FakeNvml: none are really here). CUDA_VISIBLE_DEVICES points torch at the last one on the PCI
+    bus by UUID, so NVML's GPU 2 is the one the run uses."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc,GPU-aaaa")
+    gpus = [fakes.FakeGpu(name="NVIDIA GeForce RTX 4070", uuid="GPU-aaaa-1", pci_bus_id="00000000:01:00.0"),
+            fakes.FakeGpu(name="NVIDIA GeForce GTX 1060", uuid="GPU-bbbb-2", pci_bus_id="00000000:41:00.0"),
+            fakes.FakeGpu(name="NVIDIA GeForce RTX 3090", uuid="GPU-cccc-3", pci_bus_id="00000000:81:00.0",
+                          memory_total=24 * fakes.GB)]
+    strip = make_strip(qtbot, fakes.FakeNvml(gpus))
+    qtbot.waitUntil(lambda: len(strip._gpu_gauges) == 3)
+
+    captions = [gauge.caption.text() for gauge in strip._gpu_gauges]
+    assert captions == ["GPU 2 · NVIDIA GeForce RTX 3090", "GPU 0 · NVIDIA GeForce RTX 4070",
+                        "GPU 1 · NVIDIA GeForce GTX 1060"]
+    assert [gauge.details.text().startswith("Tailor trains here · ") for gauge in strip._gpu_gauges] == [
+        True, False, False]
+    assert strip._gpu_gauges[0].bar.text() == "3.00 GB of 24.0 GB"
+    assert strip.latest.training_gpu.index == 2
+
+    from app.core.gpu import DeviceIdentity
+
+    strip.set_training_device(DeviceIdentity(pci_bus_id="0000:41:00.0"))  # the trainer's own report wins
+    qtbot.waitUntil(lambda: strip._gpu_gauges[0].caption.text() == "GPU 1 · NVIDIA GeForce GTX 1060")
+    assert strip._gpu_gauges[0].details.text() == "Tailor trains here · 57% busy · 64 °C · 120 W"
+    strip.resize(1100, strip.sizeHint().height())
+    assert strip.grab().save(str(tmp_path / "gpu-strip.png"))

@@ -22,9 +22,6 @@ from app.gui.wizard.field_docs import tooltip
 
 SEGMENT_COLOURS = ("#4e79a7", "#59a14f", "#edc948", "#f28e2b", "#e15759", "#b07aa1", "#9c755f")
 VERDICT_COLOURS = {FITS: GOOD, TIGHT: WARN}
-# MemoryEstimate.rows() lists its parts in field order; these are the fields whose docstrings explain each row.
-ROW_FIELDS = ("base_weights", "adapter_weights", "optimizer_states", "gradients", "activations", "logits",
-              "cuda_context")
 
 
 class MemoryBar(QWidget):
@@ -140,13 +137,14 @@ class ReviewPage(WizardPage):
     # Where the run will happen and what is free there
 
     def device(self) -> str:
+        """Where the run will train: the GPU torch will use (matched by identity, not NVML's index), else the CPU."""
         snapshot = self.context.snapshot
-        return "cuda" if snapshot is not None and snapshot.gpus else "cpu"
+        return "cuda" if snapshot is not None and snapshot.training_gpu is not None else "cpu"
 
     def available_memory(self) -> int:
         snapshot = self.context.snapshot
-        if snapshot is not None and snapshot.gpus:
-            gpu = snapshot.gpus[0]
+        if snapshot is not None and snapshot.training_gpu is not None:
+            gpu = snapshot.training_gpu
             return gpu.memory_total - gpu.memory_used
         if snapshot is not None:
             return snapshot.ram_total - snapshot.ram_used
@@ -154,12 +152,12 @@ class ReviewPage(WizardPage):
 
     def place(self) -> str:
         """Which memory the estimate is weighed against."""
-        return "VRAM on GPU 0" if self.device() == "cuda" else "system RAM"
+        return f"VRAM on GPU {self.context.snapshot.training_gpu.index}" if self.device() == "cuda" else "system RAM"
 
     def runs_on(self) -> str:
         snapshot = self.context.snapshot
         if self.device() == "cuda":
-            return f"GPU 0: {snapshot.gpus[0].name} (QLoRA in VRAM)"
+            return f"GPU {snapshot.training_gpu.index}: {snapshot.training_gpu.name} (QLoRA in VRAM)"
         return "the CPU (no NVIDIA GPU found), in system RAM"
 
     # Showing the review
@@ -242,7 +240,7 @@ class ReviewPage(WizardPage):
     def _show_breakdown(self, available: int) -> None:
         rows = self.estimate.rows()
         self.breakdown.setRowCount(len(rows) + 2)
-        for row, ((label, amount), colour, field) in enumerate(zip(rows, SEGMENT_COLOURS, ROW_FIELDS)):
+        for row, ((label, amount), colour, field) in enumerate(zip(rows, SEGMENT_COLOURS, self.estimate.row_fields())):
             part = QTableWidgetItem(_swatch(colour), label)
             part.setToolTip(tooltip(MemoryEstimate, field))
             self.breakdown.setItem(row, 0, part)
