@@ -8,7 +8,7 @@ from pathlib import Path
 from app.core.catalogue import CATALOGUE, DEFAULT_KEY, ModelShape, find_entry
 from app.core.config import QUANT_CHOICES
 from app.core.errors import TailorError
-from app.core.estimate import GB, estimate_training_memory, verdict
+from app.core.estimate import DEVICES, GB, estimate_training_memory, verdict
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="base weight precision (default 4bit)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="keep every activation instead of recomputing them (faster, much more memory)")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help="where the run would train (default: the device this machine has); "
+                             "plan a GPU run from a laptop with --device cuda")
     parser.set_defaults(handler=run)
 
 
@@ -56,15 +59,14 @@ def _count(parameters: int) -> str:
 
 
 def run(args) -> int:
-    import torch
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from app.core.gpu import free_memory_bytes
+    from app.core.models import pick_device
 
     name, shape = resolve_shape(args.base)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or pick_device()
     estimate = estimate_training_memory(
         shape, quant=args.quant, rank=args.rank, max_len=args.max_len, batch_size=args.batch_size,
         gradient_checkpointing=args.gradient_checkpointing, device=device,
@@ -87,8 +89,29 @@ def run(args) -> int:
         table.add_row(label, f"{amount / GB:.2f} GB")
     console.print(table)
     console.print(f"Total: {estimate.total_gb:.2f} GB")
-
-    free = free_memory_bytes(device)
-    place = "on GPU 0" if device == "cuda" else "of system RAM"
-    console.print(f"Free now: {free / GB:.2f} GB {place} — {verdict(estimate.total, free)}", soft_wrap=True)
+    console.print(_free_now(device, estimate.total), soft_wrap=True)
     return 0
+
+
+def _free_now(device: str, total: int) -> str:
+    """What is free where the run would train, and the verdict; on CUDA the GPU torch would use, by identity."""
+    import psutil
+
+    if device == "cpu":
+        free = int(psutil.virtual_memory().available)
+        return f"Free now: {free / GB:.2f} GB of system RAM — {verdict(total, free)}"
+    from app.core.gpu import GpuMonitor, torch_device_identity
+    from app.core.models import pick_device
+
+    monitor = GpuMonitor()
+    try:
+        if pick_device() == "cuda":
+            monitor.set_training_device(torch_device_identity())
+        gpu = monitor.snapshot().training_gpu
+    finally:
+        monitor.shutdown()
+    if gpu is None:
+        return ("No NVIDIA GPU on this machine to weigh it against: compare the total with the free memory of the "
+                "GPU you plan to train on (nvidia-smi shows it).")
+    free = gpu.memory_total - gpu.memory_used
+    return f"Free now: {free / GB:.2f} GB on GPU {gpu.index} ({gpu.name}) — {verdict(total, free)}"

@@ -194,6 +194,11 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
     ),
     CatalogueEntry(
+        key="llama3.1-8b", hub_id="meta-llama/Llama-3.1-8B-Instruct", display_name="Llama 3.1 8B Instruct",
+        architecture="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
+    ),
+    CatalogueEntry(
         key="mistral-7b", hub_id="mistralai/Mistral-7B-Instruct-v0.3", display_name="Mistral 7B Instruct v0.3",
         architecture="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=32768, tie_word_embeddings=False, max_position_embeddings=32768,

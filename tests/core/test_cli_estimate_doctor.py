@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -21,7 +22,8 @@ def test_estimate_default_prints_the_breakdown_and_total(capsys):
     assert main(["estimate"]) == EXIT_OK
     output = capsys.readouterr().out
     assert "SmolLM2 135M Instruct" in output
-    for label in ("Base model weights", "LoRA adapter", "Optimizer state (AdamW)", "Gradients", "Logits and loss"):
+    for label in ("Base model weights", "LoRA adapter", "Optimizer state (AdamW)", "Gradients", "Saved activations",
+                  "Backward peak: logits and loss", "Python and libraries"):
         assert label in output
     expected = estimate_training_memory(find_entry("smollm2-135m").shape, device="cpu")  # this machine has no CUDA
     assert total_line(output) == round(expected.total_gb, 2)
@@ -108,3 +110,37 @@ def test_doctor_reports_a_broken_4bit_path_instead_of_crashing(monkeypatch, caps
     monkeypatch.setattr(doctor, "check_4bit", broken)
     assert main(["doctor"]) == EXIT_OK
     assert "does NOT work on the CPU (RuntimeError: no kernel image is available)" in capsys.readouterr().out
+
+
+def test_estimate_for_a_gpu_run_from_a_machine_without_one(capsys):
+    args = ["estimate", "--base", "llama3.1-8b", "--max-len", "1024", "--batch-size", "1", "--device", "cuda"]
+    assert main(args) == EXIT_OK
+    output = capsys.readouterr().out
+    assert "on the CUDA" in output and "CUDA context" in output and "Python and libraries" not in output
+    expected = estimate_training_memory(find_entry("llama3.1-8b").shape, max_len=1024, batch_size=1, device="cuda")
+    assert total_line(output) == round(expected.total_gb, 2)
+    assert 6.0 <= total_line(output) < 8.0
+    assert "No NVIDIA GPU on this machine to weigh it against" in output
+
+
+def test_estimate_device_defaults_to_the_one_present_and_cpu_can_be_asked_for(capsys):
+    assert main(["estimate", "--device", "cpu"]) == EXIT_OK
+    explicit = capsys.readouterr().out
+    assert main(["estimate"]) == EXIT_OK  # no CUDA here, so the CPU
+    assert capsys.readouterr().out.splitlines()[:-1] == explicit.splitlines()[:-1]  # all but the live free memory
+    assert "Python and libraries" in explicit and "on the CPU" in explicit
+    with pytest.raises(SystemExit) as exit_info:
+        main(["estimate", "--device", "tpu"])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+
+
+def test_estimate_weighs_against_the_gpu_torch_would_use(monkeypatch, capsys):
+    """Two cards (FakeNvml, since none is here); CUDA_VISIBLE_DEVICES names the second on the PCI bus by UUID."""
+    from fake_nvml import RTX_3090, RTX_4070, FakeNvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([RTX_4070, RTX_3090]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-e0e1e2e3")
+    assert main(["estimate", "--base", "llama3.1-8b", "--device", "cuda"]) == EXIT_OK
+    output = capsys.readouterr().out
+    free_gb = (RTX_3090["total"] - RTX_3090["used"]) / 1024**3
+    assert f"Free now: {free_gb:.2f} GB on GPU 1 (NVIDIA GeForce RTX 3090)" in output
