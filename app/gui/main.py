@@ -18,6 +18,7 @@ from PySide6.QtCore import QEvent, QObject, QTimer
 from PySide6.QtWidgets import QApplication
 
 from app.gui import settings
+from app.gui.display_check import EXIT_MISSING_LIBRARIES, check_display
 from app.gui.style import apply_style, apply_style_sheet
 
 EXIT_WAIT_MS = 60_000
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         from app.gui import training_process
 
         return training_process.main()
+
+    # Qt aborts the process when its X11 plugin cannot load; say which packages are missing instead.
+    problem = check_display()
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_MISSING_LIBRARIES
 
     app = QApplication(sys.argv[:1])
     app.setOrganizationName(settings.ORGANISATION)
