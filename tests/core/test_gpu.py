@@ -248,3 +248,14 @@ def test_alike_cards_are_in_the_same_order_for_nvml_and_cuda(monkeypatch):
     assert GpuMonitor(nvml=FakeNvml(twins)).training_index == 0
     single = GpuMonitor(nvml=FakeNvml([RTX_4070]))
     assert single.snapshot().training_gpu.name == "NVIDIA GeForce RTX 4070"
+
+
+def test_the_gpu_check_skips_cleanly_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run bench/gpu_check.py itself")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("skipped: no CUDA")
