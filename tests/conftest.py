@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import hypothesis_profiles  # noqa: F401  (registers and loads the fast/fuzz profiles)
+
 REPO = Path(__file__).resolve().parents[1]
 # Converted base models are slow to rebuild (~20 s for SmolLM2) and safe to share between runs.
 os.environ.setdefault("TAILOR_CACHE", str(REPO / ".tailor-test-cache"))

@@ -8,6 +8,7 @@ the assistant's tokens carry a loss.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import statistics
@@ -25,6 +26,8 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 # Column pairs recognised in tables, in order of preference.
 _PROMPT_RESPONSE_PAIRS = (("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("input", "output"),
                           ("instruction", "response"), ("user", "assistant"), ("query", "response"))
+# Python's json parser recurses once per level; the layouts Tailor reads nest four levels at most.
+_TOO_DEEP = "nested too deeply to be a dataset row (thousands of levels of [ or {)"
 _SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 Messages = list[dict[str, str]]
@@ -128,12 +131,29 @@ def _check_readable(path: Path) -> None:
         if b"\x00" in head:
             raise DatasetError(f"{path.name} looks like a binary file, not text.",
                                hint="Datasets must be UTF-8 text (JSONL, CSV, TXT) or Parquet.")
-        try:
-            head.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if exc.start < len(head) - 4:  # a multi-byte character cut by the 8 KiB window is fine
-                raise DatasetError(f"{path.name} is not UTF-8 text (byte {exc.start}).",
-                                   hint="Save the file as UTF-8.") from exc
+        where = _first_invalid_utf8(path)
+        if where:
+            raise DatasetError(f"{path.name} {where}: not UTF-8 text.", hint="Save the file as UTF-8.")
+
+
+def _first_invalid_utf8(path: Path) -> str | None:
+    """Where the file stops being UTF-8 ('line 3, byte 17'), read in chunks so a large file costs little memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, newline = 1, b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                before = exc.object[: exc.start]
+                column = exc.start - before.rfind(newline)
+                return f"line {line + before.count(newline)}, byte {column}"
+            line += chunk.count(newline)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"line {line}, at its end (a character cut short)"
+    return None
 
 
 def _json_line_problems(path: Path) -> list[str]:
@@ -147,6 +167,8 @@ def _json_line_problems(path: Path) -> list[str]:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 problems.append(f"{path.name} line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            except RecursionError:
+                problems.append(f"{path.name} line {number}: {_TOO_DEEP}")
             else:
                 if not isinstance(value, dict):
                     problems.append(f"{path.name} line {number}: expected a JSON object, found {type(value).__name__}")
@@ -160,9 +182,13 @@ def _load_table(path: Path):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are reported by line below
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # a damaged folder fails deep inside datasets/pyarrow, in many exception types
+            raise DatasetError(f"The saved dataset {path} is damaged or incomplete: {_root_cause(exc)}",
+                               hint="Save it again with save_to_disk, or export it as JSONL.") from exc
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         return loaded
@@ -177,9 +203,11 @@ def _load_table(path: Path):
         problems = _json_line_problems(path) if builder == "json" else []
         if builder == "json" and not problems and path.suffix.lower() == ".json":
             try:
-                json.loads(path.read_text(encoding="utf-8"))
+                json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
             except json.JSONDecodeError as parse_error:
                 problems = [f"{path.name} line {parse_error.lineno}: not valid JSON ({parse_error.msg})"]
+            except RecursionError:
+                problems = [f"{path.name}: {_TOO_DEEP}"]
         raise DatasetError(f"Could not read {path.name}.", problems or [f"{path.name}: {_root_cause(exc)}"],
                            hint="Fix the lines listed above and try again.") from exc
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from adapter_factory import make_random_adapters
+from library_state import tree_digest
 
 from app.cli import main
 from app.core.errors import AdapterError
@@ -37,15 +37,6 @@ def library(shared, tmp_path) -> Library:
     """A library that already holds an adapter, as a user's would."""
     shutil.copytree(shared["origin"], tmp_path / "library")
     return Library(tmp_path / "library")
-
-
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def rezip(source: Path, target: Path, change: dict[str, bytes | None]) -> Path:
