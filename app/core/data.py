@@ -11,12 +11,14 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from app.core.errors import DatasetError
+from app.core.templates import model_label, place_system_prompt, render
 
 MAX_PROBLEMS = 10
 IGNORE_INDEX = -100
@@ -385,32 +387,49 @@ def _assistant_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple[int
 
     Rendering the prefix before each assistant turn with the generation prompt, and the conversation up to the end
     of that turn, gives the exact text the template adds for the reply whatever the template's markup looks like.
+    Some templates close every rendering with the end-of-sequence token (Phi-3.5); inside a longer conversation that
+    token is not there, so a reply's span stops where the two renderings part, before any such closing token.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render(tokenizer, messages, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not full.startswith(through) or not through.startswith(before):
-            raise DatasetError("This model's chat template renders conversations inconsistently, so assistant "
-                               "tokens cannot be located.", hint="Pick another base model.")
-        spans.append((len(before), len(through)))
+        before = render(tokenizer, messages[:index], tokenize=False, add_generation_prompt=True)
+        through = render(tokenizer, messages[: index + 1], tokenize=False)
+        end = _turn_end(through, full, tokenizer.eos_token)
+        if not through.startswith(before) or not full.startswith(before) or end <= len(before):
+            raise DatasetError(f"The chat template of {model_label(tokenizer)} renders a conversation differently "
+                               "from its beginning, so the reply's tokens cannot be located.",
+                               hint="Pick another base model, or report the template to the model's authors.")
+        spans.append((len(before), end))
     return full, spans
 
 
+def _turn_end(through: str, full: str, eos_token: str | None) -> int:
+    """Where the reply that `through` ends with stops inside `full`."""
+    end = len(os.path.commonprefix([through, full]))
+    closing = len(through) - len(eos_token or "")
+    if end < len(through) and eos_token and through.endswith(eos_token) and closing < end:
+        end = closing  # the two renderings share the first characters of the closing token and the next turn
+    return end
+
+
 def tokenize_conversation(tokenizer, messages: Messages, max_len: int) -> tuple[Example, int]:
-    """Returns the example (cut to max_len) and its untruncated length in tokens."""
-    text, spans = _assistant_spans(tokenizer, messages)
+    """Returns the example (cut to max_len) and its untruncated length in tokens.
+
+    A leading system message goes where the template wants it (templates.place_system_prompt), as in chat."""
+    text, spans = _assistant_spans(tokenizer, place_system_prompt(tokenizer, messages))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     span_index = 0
-    for position, (start, _end) in enumerate(encoded["offset_mapping"]):
+    for position, (start, end) in enumerate(encoded["offset_mapping"]):
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
-        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]:
+        # A token that runs on past the reply's end (BPE merging the end-of-turn marker with the next turn's first
+        # characters, when the markers are not special tokens) would teach the persona to start the next turn.
+        if span_index < len(spans) and spans[span_index][0] <= start and end <= spans[span_index][1]:
             labels[position] = ids[position]
     return Example(ids[:max_len], labels[:max_len]), len(ids)
 

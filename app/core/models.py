@@ -196,7 +196,7 @@ def resolve_base(base: str, progress: Progress | None = None) -> ResolvedBase:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"The folder {path} is not a model folder (no config.json).", "Pick the folder that holds config.json and the weights.")
-        return ResolvedBase(source=base, folder=path, model_id=_folder_model_id(path))
+        return ResolvedBase(source=base, folder=path, model_id=folder_model_id(path))
     if path.exists() or base.startswith((".", "/", "~")) or os.sep in base and not _HUB_ID.match(base):
         raise ModelError(f"'{base}' is not a model folder or a .gguf file.", "Pick a folder with config.json, a .gguf file, 'default' or a hub id like Qwen/Qwen2.5-0.5B-Instruct.")
 
@@ -207,7 +207,7 @@ def resolve_base(base: str, progress: Progress | None = None) -> ResolvedBase:
     return ResolvedBase(source=base, folder=download_from_hub(repo_id, progress), model_id=repo_id)
 
 
-def _folder_model_id(folder: Path) -> str:
+def folder_model_id(folder: Path) -> str:
     """A hub id for a local folder when one is known (Tailor's own conversions record it), else the folder name."""
     source = folder / "tailor_source.json"
     if source.is_file():
