@@ -6,8 +6,9 @@ Three things every training and chat path needs to agree on:
   On CUDA bf16 only where the GPU multiplies it natively (compute capability 8.0, Ampere, and newer). On Turing and
   Pascal `torch.cuda.is_bf16_supported()` still answers yes, because bf16 can be *emulated* there, many times slower,
   so it is not asked; those GPUs get fp16, whose narrow range needs autocast and a GradScaler (the returned
-  `needs_grad_scaler`). On the CPU bf16 where the CPU has native bf16 matrix units (AMX) and it measured faster for
-  Tailor's work (bench/cpu_compute_dtype.py), else fp32.
+  `needs_grad_scaler`). On the CPU bf16 for training where the CPU has native bf16 matrix units (AMX), where it
+  measured faster (bench/cpu_compute_dtype.py), else fp32; chat generation stays fp32 on every CPU, where it
+  measured faster even with AMX.
 - `is_out_of_memory(exc)`: an allocation failure, whatever shape it arrives in. torch raises `torch.OutOfMemoryError`
   for its caching allocator, but cuBLAS, bitsandbytes' CUDA kernels and the CPU allocator report the same event as a
   plain RuntimeError with a message, and Python's own allocator as MemoryError. All of them mean "the settings need
@@ -35,12 +36,17 @@ SIMULATE_OOM_ENV = "TAILOR_SIMULATE_OOM_AT"
 """Test seam: comma-separated optimizer steps (1-based, as in training_log.json) at which to raise a real OOM."""
 SIMULATED_OOM_MESSAGE = "Simulated out of memory at step {step} ({env} is set)."
 
+TRAINING, GENERATION = "training", "generation"
+WORKLOADS = (TRAINING, GENERATION)
+"""Training steps (large matmuls over whole batches) and chat generation (one token at a time) favour different
+dtypes on a CPU."""
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """/proc/cpuinfo flags of native bf16 arithmetic: AMX tiles (Sapphire Rapids and newer) and AVX512-BF16 dot products
 (Cooper Lake, Zen 4)."""
 CPU_BF16_FASTER_WITH = "amx_bf16"
-"""bf16 measured faster than fp32 only with AMX (see bench/cpu_compute_dtype.py and the table below); AVX512-BF16
-alone speeds up dot products but not the dequantise-then-matmul path bitsandbytes takes, so those CPUs stay fp32."""
+"""bf16 training measured faster than fp32 on an AMX CPU (bench/cpu_compute_dtype.py; numbers in MEASURED_ON_AMX).
+A CPU with AVX512-BF16 but no AMX was not measured; its bf16 matmuls are dot-product instructions with no tile unit
+behind them, so it keeps fp32, the choice that is never slow."""
 
 
 class ComputePrecision(NamedTuple):
@@ -81,37 +87,43 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset(flags & set(CPU_BF16_FLAGS))
 
 
-def cpu_prefers_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether bf16 is the faster compute dtype on this CPU (or one with these flags); needs no torch."""
-    return CPU_BF16_FASTER_WITH in (cpu_bf16_flags() if flags is None else flags)
+def cpu_prefers_bf16(flags: frozenset[str] | None = None, workload: str = TRAINING) -> bool:
+    """Whether bf16 is the faster compute dtype for `workload` on this CPU (or one with these flags); no torch."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, not {workload!r}")
+    return workload == TRAINING and CPU_BF16_FASTER_WITH in (cpu_bf16_flags() if flags is None else flags)
 
 
-def cpu_precision(flags: frozenset[str]) -> ComputePrecision:
-    """bf16 on CPUs where it measured faster than fp32 (AMX), fp32 everywhere else."""
+def cpu_precision(flags: frozenset[str], workload: str = TRAINING) -> ComputePrecision:
+    """bf16 where it measured faster than fp32 (training, on AMX), fp32 everywhere else."""
     import torch
 
-    if cpu_prefers_bf16(flags):
+    if cpu_prefers_bf16(flags, workload):
         return ComputePrecision(torch.bfloat16, False, "bf16: this CPU has AMX bf16 units, faster than fp32")
+    if workload == GENERATION and CPU_BF16_FASTER_WITH in flags:
+        return ComputePrecision(torch.float32, False,
+                                "fp32: generating one token at a time is faster in fp32 even with AMX")
     if flags:
         return ComputePrecision(torch.float32, False,
                                 "fp32: this CPU has AVX512-BF16 but no AMX; bf16 is not faster without AMX")
     return ComputePrecision(torch.float32, False, "fp32: this CPU has no native bf16, where bf16 is slower")
 
 
-def compute_dtype(device: str) -> ComputePrecision:
-    """The precision to train and chat in on `device` ('cuda', 'cuda:N' or 'cpu')."""
+def compute_dtype(device: str, workload: str = TRAINING) -> ComputePrecision:
+    """The precision to compute in on `device` ('cuda', 'cuda:N' or 'cpu') for `workload` (TRAINING or GENERATION;
+    they differ only on the CPU, where the measurements differ)."""
     if device.startswith("cuda"):
         import torch
 
         index = torch.device(device).index
         return cuda_precision(tuple(torch.cuda.get_device_capability(torch.cuda.current_device() if index is None
                                                                      else index)))
-    return _cpu_precision_here()
+    return _cpu_precision_here(workload)
 
 
 @functools.cache
-def _cpu_precision_here() -> ComputePrecision:
-    return cpu_precision(cpu_bf16_flags())
+def _cpu_precision_here(workload: str) -> ComputePrecision:
+    return cpu_precision(cpu_bf16_flags(), workload)
 
 
 # Out-of-memory recognition

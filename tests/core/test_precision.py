@@ -11,7 +11,7 @@ import torch
 
 from app.core.errors import TailorError
 from app.core.precision import (
-    SIMULATE_OOM_ENV, ComputePrecision, OomSimulator, compute_dtype, cpu_bf16_flags, cpu_precision, cuda_precision,
+    GENERATION, SIMULATE_OOM_ENV, TRAINING, ComputePrecision, OomSimulator, compute_dtype, cpu_bf16_flags, cpu_precision, cuda_precision,
     is_out_of_memory, raise_simulated_oom, simulated_oom_steps,
 )
 
@@ -87,6 +87,20 @@ def test_cpu_choice_follows_the_cpus_bf16_units(extra, flags, dtype):
     assert found == flags
     precision = cpu_precision(found)
     assert (precision.dtype, precision.needs_grad_scaler) == (dtype, False)
+
+
+@pytest.mark.parametrize("extra", ["avx512_bf16 amx_bf16 amx_tile", "avx512_bf16", ""])
+def test_chat_generation_stays_fp32_on_every_cpu(extra):
+    flags = cpu_bf16_flags(CPUINFO.format(extra=extra))
+    assert cpu_precision(flags, GENERATION).dtype == torch.float32
+    assert compute_dtype("cpu", GENERATION).dtype == torch.float32
+
+
+def test_workload_makes_no_difference_on_cuda_and_unknown_ones_are_refused(monkeypatch):
+    monkeypatch.setattr(torch, "cuda", FakeCuda((8, 9)))
+    assert compute_dtype("cuda", GENERATION) == compute_dtype("cuda", TRAINING) == cuda_precision((8, 9))
+    with pytest.raises(ValueError, match="workload"):
+        cpu_precision(frozenset(), "inference")
 
 
 def test_cpu_flags_of_this_machine_agree_with_torchs_own_detection():
