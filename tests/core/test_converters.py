@@ -213,3 +213,70 @@ def test_speakers_and_source_guess_for_the_gui():
     assert guess_source(EXPORTS / "discord_export.json") == "discord"
     assert guess_source(EXPORTS / "telegram_result.json") == "telegram"
     assert guess_source(EXPORTS / "script_hamlet.txt") == "transcript"
+
+
+# The command line and the round trip: export → `tailor data convert` → `tailor data check` → a few training steps.
+
+def test_cli_convert_writes_chat_jsonl_and_reports_what_was_kept(tmp_path, capsys):
+    from app.cli import main
+
+    out = tmp_path / "sam.jsonl"
+    assert main(["data", "convert", str(EXPORTS / "whatsapp_android_us.txt"), "--from", "whatsapp",
+                 "--persona", "Sam", "--out", str(out), "--gap-hours", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "13 kept" in printed and "2 media only" in printed and f"Wrote 2 example(s)" in printed
+    assert "the sample personas needed 60" in printed
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2 and all(set(row) == {"messages"} for row in rows)
+
+    plain = tmp_path / "plain.jsonl"
+    assert main(["data", "convert", str(EXPORTS / "whatsapp_android_us.txt"), "--from", "whatsapp",
+                 "--persona", "Sam", "--out", str(plain), "--no-anonymise"]) == 0
+    assert "Maya" in plain.read_text(encoding="utf-8") and "Maya" not in out.read_text(encoding="utf-8")
+
+
+def test_cli_convert_exit_2_lists_who_speaks_and_writes_nothing(tmp_path, capsys):
+    from app.cli import main
+
+    out = tmp_path / "bob.jsonl"
+    assert main(["data", "convert", str(EXPORTS / "telegram_result.json"), "--from", "telegram",
+                 "--persona", "Bob", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "'Bob' never speaks" in error and "Nadia Petrova" in error and "Ivan" in error and "Traceback" not in error
+    assert not out.exists()
+    assert main(["data", "convert", str(EXPORTS / "telegram_truncated.json"), "--from", "telegram",
+                 "--persona", "Ivan", "--out", str(out)]) == 2
+    assert "telegram_truncated.json line" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_convert_default_output_sits_beside_the_export(tmp_path, capsys):
+    from app.cli import main
+
+    export = tmp_path / "chat.txt"
+    export.write_bytes((EXPORTS / "whatsapp_german.txt").read_bytes())
+    assert main(["data", "convert", str(export), "--from", "whatsapp", "--persona", "Oma Hilde"]) == 0
+    assert (tmp_path / "chat.Oma-Hilde.jsonl").is_file()
+
+
+def test_round_trip_export_to_check_to_training(tiny_base, tmp_path, capsys):
+    """A converted WhatsApp chat is read by `tailor data check` and trains a few steps on the tiny model."""
+    from app.cli import main
+    from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
+    from app.core.library import Library
+    from app.core.training import run_training
+
+    out = tmp_path / "oma.jsonl"
+    assert main(["data", "convert", str(EXPORTS / "whatsapp_german.txt"), "--from", "whatsapp",
+                 "--persona", "Oma Hilde", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["data", "check", str(out), "--base", str(tiny_base), "--max-len", "128"]) == 0
+    checked = capsys.readouterr().out
+    assert "Format: openai" in checked and "Rows: 2 (2 usable)" in checked
+
+    config = RunConfig(name="oma", system_prompt="Du bist Oma Hilde.", model=ModelSource(base=str(tiny_base), quant="4bit"),
+                       data=DataSettings(path=str(out), max_len=128), lora=LoraSettings(rank=4, alpha=8),
+                       training=TrainingSettings(max_steps=2, batch_size=2, learning_rate=5e-3, checkpoint_every=2))
+    result = run_training(config, Library(tmp_path / "lib"))
+    assert result.steps == 2
+    manifest = json.loads((result.adapter.path / "tailor.json").read_text())
+    assert manifest["dataset"]["rows"] == 2
