@@ -1,0 +1,325 @@
+"""`tailor serve` end to end: a real uvicorn server on 127.0.0.1 (a free port), driven by the official `openai`
+client and raw httpx, over a real 4-bit tiny Llama with two persona adapters. Every reply must equal what the chat
+engine gives for that persona with the same greedy settings; every bad input gets its status and an OpenAI-style
+error body, and the server keeps answering afterwards."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from adapter_factory import make_random_adapters
+
+from app.cli import main
+from app.core.chat import BASE, ChatSession, GenerationSettings
+from app.core.library import Library
+from app.core.serving import ServeRequest, ServingEngine
+from app.server.app import create_app
+from app.server.limits import MAX_BODY_BYTES
+from app.server.runner import ServerThread, bind
+
+KEY = "s3cret-key"
+HELLO = [{"role": "user", "content": "Tell me about the sea."}]
+
+
+def make_persona(library: Library, base, name: str, system_prompt: str, seed: int) -> None:
+    """A random persona on every linear layer, its B matrices scaled up: strong enough that the tiny model's greedy
+    replies differ visibly from persona to persona (a reply of only newlines would prove nothing)."""
+    from safetensors.torch import load_file, save_file
+
+    entry = make_random_adapters(library, base, [name], rank=8, system_prompt=system_prompt, seed=seed,
+                                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))[0]
+    weights = entry.path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({key: tensor * (10 if "lora_B" in key else 1) for key, tensor in tensors.items()}, weights)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_base) -> Library:
+    library = Library(tmp_path_factory.mktemp("serve-library"))
+    make_persona(library, tiny_base, "alpha", "You are calm.", seed=1)
+    make_persona(library, tiny_base, "beta", "You are loud.", seed=2)
+    return library
+
+
+@pytest.fixture(scope="module")
+def engine(library, tiny_base):
+    engine = ServingEngine(ChatSession(str(tiny_base), "4bit"), library)
+    engine.load_available()
+    yield engine.start()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    server = ServerThread(create_app(engine), bind("127.0.0.1", 0)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected(engine: ServingEngine, model: str, messages: list[dict], max_tokens: int, **settings) -> str:
+    """What the chat engine (`tailor chat`) answers, with the persona's system prompt as the server applies it."""
+    session = engine.session
+    system_prompt = session.system_prompt(model) if messages[0]["role"] != "system" else None
+    return session.reply(session.prompt_messages(messages, system_prompt), model,
+                         GenerationSettings(max_new_tokens=max_tokens, **{"temperature": 0, **settings}))
+
+
+def ask(client, model: str, messages=HELLO, max_tokens: int = 16, **options):
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                          **options)
+
+
+def test_models_lists_base_and_personas_with_base_as_parent(client, server, library, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512)).save_pretrained(other)
+    make_random_adapters(library, other, ["misfit"])
+    try:
+        models = {model.id: model for model in client.models.list()}
+        assert set(models) == {BASE, "alpha", "beta"}
+        assert models["alpha"].parent == BASE and models["beta"].parent == BASE
+        listing = httpx.get(server.url + "/v1/models").json()
+        assert listing["unavailable"] == [{"id": "misfit", "reason": pytest.approx(listing["unavailable"][0]["reason"])}]
+        assert "trained for other-base" in listing["unavailable"][0]["reason"]
+        with pytest.raises(openai.NotFoundError, match="cannot be served.*trained for other-base"):
+            ask(client, "misfit")
+    finally:
+        library.delete("misfit")
+
+
+def test_non_streaming_reply_equals_the_chat_engine_with_usage(client, engine):
+    for model in ("alpha", "beta", BASE):
+        reply = ask(client, model, max_tokens=12)
+        assert reply.object == "chat.completion" and reply.model == model
+        assert reply.choices[0].message.content.strip() == expected(engine, model, HELLO, 12)
+        assert model == BASE or len(reply.choices[0].message.content.strip()) > 10
+        prompt = engine.prompt_ids(engine.session.prompt_messages(HELLO, engine.session.system_prompt(model)))
+        assert reply.usage.prompt_tokens == len(prompt)
+        assert reply.usage.completion_tokens <= 12
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+        assert reply.choices[0].finish_reason == ("length" if reply.usage.completion_tokens == 12 else "stop")
+    assert ask(client, "alpha").choices[0].message.content != ask(client, "beta").choices[0].message.content
+
+
+def test_streaming_sends_chunks_then_done_and_equals_the_plain_reply(client, server, engine):
+    stream = ask(client, "beta", max_tokens=12, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text.strip() == expected(engine, "beta", HELLO, 12)
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+    body = {"model": "beta", "messages": HELLO, "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_two_personas_answer_concurrently_each_with_its_own_reply(client, engine):
+    prompts = ["Tell me about the sea.", "Tell me about the sky.", "Tell me about the moon."]
+    jobs = [(model, [{"role": "user", "content": prompt}]) for prompt in prompts for model in ("alpha", "beta")]
+    # Equal prompt lengths, so no row is padded: a padded row's attention rounds differently in bf16 (by ~4e-3 in
+    # the logits), which can flip a near-tie of the random tiny model; the batch itself changes nothing.
+    session = engine.session
+    assert len({len(engine.prompt_ids(session.prompt_messages(messages, session.system_prompt(model))))
+                for model, messages in jobs}) == 1
+    replies: dict[int, str] = {}
+
+    def run(index: int, model: str, messages: list[dict]) -> None:
+        replies[index] = ask(client, model, messages, max_tokens=10).choices[0].message.content.strip()
+
+    engine.largest_batch = 0
+    threads = [threading.Thread(target=run, args=(index, *job)) for index, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert engine.largest_batch >= 2, "requests waiting together are answered in one mixed-persona batch"
+    for index, (model, messages) in enumerate(jobs):
+        assert replies[index] == expected(engine, model, messages, 10), f"request {index} ({model})"
+    assert replies[0] != replies[1], "two personas, two different replies"
+
+
+def test_persona_system_prompt_applies_only_when_the_request_has_none(client, engine):
+    own = [{"role": "system", "content": "You are a pirate."}, *HELLO]
+    assert ask(client, "alpha", own, 12).choices[0].message.content.strip() == expected(engine, "alpha", own, 12)
+    with_default = ask(client, "alpha", HELLO, 12).choices[0].message.content.strip()
+    assert with_default == expected(engine, "alpha", HELLO, 12)
+    session = engine.session
+    bare = session.reply(session.prompt_messages(HELLO, None), "alpha", GenerationSettings(max_new_tokens=12))
+    assert with_default != bare, "the stored prompt must change the reply, or this test proves nothing"
+
+
+def test_stop_strings_cut_the_reply_and_a_seed_repeats_a_sampled_one(client, engine):
+    full = ask(client, "beta", max_tokens=16).choices[0].message.content
+    cut = len(full) // 2
+    stop = full[cut:cut + 3]
+    stopped = ask(client, "beta", max_tokens=16, stop=[stop])
+    assert stopped.choices[0].message.content == full[:full.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+    sampled = [client.chat.completions.create(model="alpha", messages=HELLO, max_tokens=10, temperature=0.9, top_p=0.9,
+                                              seed=5).choices[0].message.content.strip() for _ in range(2)]
+    assert sampled[0] == sampled[1] == expected(engine, "alpha", HELLO, 10, temperature=0.9, top_p=0.9, seed=5)
+
+
+def test_a_persona_added_while_serving_is_available_without_restart(client, engine, library, tiny_base):
+    make_persona(library, tiny_base, "gamma", "You are new.", seed=3)
+    try:
+        assert "gamma" in {model.id for model in client.models.list()}
+        reply = ask(client, "gamma", max_tokens=8).choices[0].message.content.strip()
+        assert reply == expected(engine, "gamma", HELLO, 8)
+    finally:
+        library.delete("gamma")
+    assert "gamma" not in {model.id for model in client.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "gamma")
+
+
+def post(server, body, timeout: float = 60) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + "/v1/chat/completions", content=content, timeout=timeout,
+                      headers={"Content-Type": "application/json"})
+
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"model": "alpha", "messages": [', 400, "not valid JSON"),
+    "not an object": (b'["alpha"]', 400, "JSON object"),
+    "temperature as text": ({"model": "alpha", "messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+    "max_tokens as text": ({"model": "alpha", "messages": HELLO, "max_tokens": "5"}, 400, "max_tokens"),
+    "messages not a list": ({"model": "alpha", "messages": "hello"}, 400, "messages"),
+    "content a number": ({"model": "alpha", "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    "empty messages": ({"model": "alpha", "messages": []}, 400, "messages"),
+    "unknown role": ({"model": "alpha", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "unknown role 'wizard'"),
+    "no user message": ({"model": "alpha", "messages": [{"role": "system", "content": "hi"}]}, 400, "no user message"),
+    "negative max_tokens": ({"model": "alpha", "messages": HELLO, "max_tokens": -3}, 400, "max_tokens"),
+    "top_p above 1": ({"model": "alpha", "messages": HELLO, "top_p": 1.5}, 400, "top_p"),
+    "missing model": ({"messages": HELLO}, 400, "model"),
+    "unknown model": ({"model": "nobody", "messages": HELLO}, 404, "Available models: base, alpha, beta"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(case, server, client):
+    body, status, words = BAD_REQUESTS[case]
+    response = post(server, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+    assert "Traceback" not in response.text
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert ask(client, "alpha", max_tokens=2).choices[0].message.content is not None
+
+
+def test_an_oversized_body_gets_413_without_being_read_whole(server, client):
+    huge = {"model": "alpha", "messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 10)}]}
+    response = post(server, huge)
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"x" * 65536
+
+    response = httpx.post(server.url + "/v1/chat/completions", content=chunked(), timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert ask(client, "alpha", max_tokens=2).choices[0].message.content is not None
+
+
+def test_max_tokens_beyond_the_context_is_clamped_and_long_conversations_trimmed(client, server, engine):
+    context = engine.context_tokens
+    generation = engine.submit(ServeRequest("alpha", HELLO, GenerationSettings(max_new_tokens=context * 10)), print)
+    generation.cancel()
+    assert generation.max_new_tokens == context - len(generation.prompt_ids)
+    body = {"model": "alpha", "messages": HELLO, "max_tokens": context * 10, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200 and next(response.iter_lines()).startswith("data: ")
+
+    turn = "Tell me a long story about the sea and the ships. " * 8
+    conversation = [{"role": "system", "content": "You are terse."}]
+    for index in range(60):
+        conversation += [{"role": "user", "content": f"{index}: {turn}"}, {"role": "assistant", "content": turn}]
+    conversation.append({"role": "user", "content": "And now?"})
+    assert len(engine.prompt_ids(conversation)) > context, "the conversation must overflow, or this proves nothing"
+    reply = ask(client, "alpha", conversation, max_tokens=8)
+    assert reply.usage.prompt_tokens + 8 <= context
+    trimmed = engine.trim(conversation, 8)
+    assert trimmed[0] == conversation[0] and trimmed[-1] == conversation[-1] and trimmed[1]["role"] == "user"
+    assert reply.choices[0].message.content.strip() == expected(engine, "alpha", trimmed, 8)
+
+
+def test_an_engine_failure_is_a_500_without_traceback_and_the_server_recovers(client, engine, server, monkeypatch):
+    def broken(**options):
+        raise RuntimeError("simulated failure deep inside generate")
+
+    monkeypatch.setattr(engine.session.model, "generate", broken)
+    response = post(server, {"model": "alpha", "messages": HELLO, "max_tokens": 4})
+    assert response.status_code == 500
+    assert "simulated" not in response.text and "Traceback" not in response.text
+    assert response.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert ask(client, "alpha", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_client_that_goes_away_stops_its_generation(server, engine):
+    body = {"model": "alpha", "messages": HELLO, "max_tokens": 900, "temperature": 0, "stream": True,
+            "stop": ["\u2603never"]}  # keeps the tiny model from ending early by itself
+    cancelled = engine.counts["cancelled"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())
+    started = time.monotonic()
+    while engine.counts["cancelled"] == cancelled and time.monotonic() - started < 20:
+        time.sleep(0.05)
+    assert engine.counts["cancelled"] == cancelled + 1, "the streamed request was not stopped"
+
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, {**body, "stream": False}, timeout=1.0)
+    while engine.counts["cancelled"] == cancelled + 1 and time.monotonic() - started < 40:
+        time.sleep(0.05)
+    assert engine.counts["cancelled"] == cancelled + 2, "the plain request was not stopped"
+    assert engine.running == 0 or engine.queued == 0
+
+
+def test_with_an_api_key_requests_without_it_get_401(engine):
+    server = ServerThread(create_app(engine, api_key=KEY), bind("127.0.0.1", 0)).start()
+    try:
+        for key in ("wrong", KEY + "x", KEY[:-1]):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0).models.list()
+        for header in ({}, {"Authorization": KEY}, {"Authorization": "Bearer ".encode() + "ünïcode".encode()}):
+            assert httpx.get(server.url + "/v1/models", headers=header).status_code == 401
+        response = httpx.post(server.url + "/v1/chat/completions", json={"model": "alpha", "messages": HELLO})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        assert ask(good, "alpha", max_tokens=2).choices[0].message.content is not None
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_cli_refuses_a_public_address_without_a_key_before_loading_anything(library, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("app.core.chat.ChatSession.__init__", no_loading)
+    started = time.monotonic()
+    assert main(["--library", str(library.root), "serve", "--host", "0.0.0.0"]) == 2
+    assert time.monotonic() - started < 2
+    assert "without an API key" in capsys.readouterr().err
+    assert main(["--library", str(library.root), "serve", "--adapters", "alpha,nobody"]) == 2
+    assert "No adapter named 'nobody'" in capsys.readouterr().err
