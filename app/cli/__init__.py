@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "app.cli.demo_cmd",
     "app.cli.mix_cmd",
     "app.cli.share_cmd",
+    "app.cli.serve_cmd",
 )
 
 
