@@ -121,9 +121,8 @@ class GpuCheck:
         torch.cuda.reset_peak_memory_stats()
         second = run_training(config, self.library, sink, resume=True)
         self.peak_vram = max(self.peak_vram, torch.cuda.max_memory_allocated())
-        log = second.adapter.training_log()
-        early = statistics.mean(row["loss"] for row in log[:5])
-        late = statistics.mean(row["loss"] for row in log[-5:])
+        losses = [row["loss"] for row in second.adapter.training_log() if row.get("loss") is not None]
+        early, late = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
         ok = second.steps == self.steps and not second.paused and late < 0.8 * early
         return ok, (f"paused at step {first.steps}, resumed to {second.steps}/{second.total_steps}; "
                     f"loss {early:.2f} -> {late:.2f}")
