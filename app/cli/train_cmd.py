@@ -6,9 +6,13 @@ import argparse
 from pathlib import Path
 
 from app.core.config import (
-    ALL_LINEAR, DATA_FORMATS, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings, ModelSource, RunConfig,
-    TrainingSettings,
+    ALL_LINEAR, DATA_FORMATS, KEEP_CHOICES, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings, ModelSource,
+    RunConfig, TrainingSettings,
 )
+
+# Flag defaults come from the settings dataclasses, so the CLI, the wizard and the docs never disagree.
+LORA, TRAINING, MODEL = LoraSettings(), TrainingSettings(), ModelSource()
+DATA = DataSettings(path="-")
 
 EXIT_PAUSED = 130
 
@@ -19,29 +23,39 @@ def register(subparsers, common) -> None:
     parser.add_argument("--base", default="default", help="default | model folder | FILE.gguf | hub id (default: bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--name", help="persona/adapter name (default: the dataset's file name)")
     parser.add_argument("--system", metavar="PROMPT", help="the persona's system prompt, used in training and chat")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32)
-    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--rank", type=int, default=LORA.rank)
+    parser.add_argument("--alpha", type=float, default=LORA.alpha)
+    parser.add_argument("--dropout", type=float, default=LORA.dropout)
     parser.add_argument("--targets", default=ALL_LINEAR, help="comma-separated module names, or all-linear")
     parser.add_argument("--dora", action="store_true", help="use DoRA (weight-decomposed LoRA)")
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
-    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--epochs", type=float, default=TRAINING.epochs)
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    parser.add_argument("--max-len", type=int, default=512, help="longest example in tokens")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--lr", type=float, default=TRAINING.learning_rate, help="peak learning rate")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=TRAINING.lr_schedule)
+    parser.add_argument("--max-len", type=int, default=DATA.max_len, help="longest example in tokens")
+    parser.add_argument("--batch-size", type=int, default=TRAINING.batch_size)
+    parser.add_argument("--grad-accum", type=int, default=TRAINING.grad_accum)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=TRAINING.gradient_checkpointing,
                         help="recompute activations: much less memory for ~30%% more time (default: on)")
     parser.add_argument("--packing", action="store_true", help="pack each batch into one row (no padding)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS")
-    parser.add_argument("--quant", choices=QUANT_CHOICES, default="4bit")
+    parser.add_argument("--seed", type=int, default=TRAINING.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=TRAINING.checkpoint_every, metavar="STEPS")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default=MODEL.quant)
     parser.add_argument("--format", choices=DATA_FORMATS, default="auto", help="dataset layout (default: detect)")
     parser.add_argument("--prompt-column", help="for CSV/Parquet: the prompt column")
     parser.add_argument("--response-column", help="for CSV/Parquet: the response column")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub model to run its own code")
+    parser.add_argument("--eval-split", type=float, metavar="FRACTION|0",
+                        help="share of the rows held out to measure the eval loss (default: 10%%, at most 50 rows, "
+                             "none below 20 rows; 0 turns evaluation off)")
+    parser.add_argument("--eval-data", metavar="FILE", help="held-out examples from this file instead of a split")
+    parser.add_argument("--eval-every", type=int, metavar="STEPS", help="held-out loss every N steps (default: ~5 per run)")
+    parser.add_argument("--keep", choices=KEEP_CHOICES, default=TRAINING.keep,
+                        help="publish the adapter with the lowest held-out loss (best) or the final one (last)")
+    parser.add_argument("--show-samples", action="store_true",
+                        help="at each evaluation, print the persona's replies to two held-out prompts")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run of this adapter")
     parser.set_defaults(handler=run)
 
@@ -53,14 +67,15 @@ def config_from_args(args, name: str) -> RunConfig:
         model=ModelSource(base=args.base, quant=args.quant, trust_remote_code=args.trust_remote_code),
         data=DataSettings(path=str(Path(args.data).expanduser().resolve()), format=args.format,
                           prompt_column=args.prompt_column, response_column=args.response_column,
-                          max_len=args.max_len, packing=args.packing),
+                          max_len=args.max_len, packing=args.packing, eval_split=args.eval_split,
+                          eval_path=str(Path(args.eval_data).expanduser().resolve()) if args.eval_data else None),
         lora=LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                           target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                           use_dora=args.dora, use_rslora=args.rslora),
         training=TrainingSettings(epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
                                   lr_schedule=args.schedule, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                   gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                                  checkpoint_every=args.checkpoint_every),
+                                  checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, keep=args.keep),
     )
 
 
@@ -71,5 +86,6 @@ def run(args) -> int:
     wanted = args.name or Path(args.data).stem
     # An explicit name is the user's choice and must not silently change; a name derived from the file may.
     name = wanted if args.name or args.resume else library.unique_name(wanted)
-    result = train_with_progress(config_from_args(args, name), library, resume=args.resume)
+    result = train_with_progress(config_from_args(args, name), library, resume=args.resume,
+                                 show_samples=args.show_samples)
     return EXIT_PAUSED if result.paused else 0

@@ -17,6 +17,7 @@ from app.core.errors import TailorError
 
 QUANT_CHOICES = ("4bit", "8bit", "none")
 SCHEDULES = ("cosine", "linear", "constant")
+KEEP_CHOICES = ("best", "last")
 DATA_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "text", "prompt_response", "hf_disk")
 ALL_LINEAR = "all-linear"
 
@@ -93,9 +94,16 @@ class DataSettings:
     """Longest training example in tokens; longer ones are cut at this length."""
     packing: bool = False
     """Pack each batch's examples into one row (no padding at all); attention stays within each example."""
+    eval_split: float | None = None
+    """Share of the rows held out to measure the eval loss on. None: 10% of the rows, at most 50, and none below 20
+    rows (small datasets need every example); 0 turns evaluation off."""
+    eval_path: str | None = None
+    """A separate file of held-out examples; when given, every row of `path` is trained on."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "No dataset was given.")
+        _require(self.eval_split is None or 0 <= self.eval_split < 1,
+                 f"The eval split must be a fraction in [0, 1), not {self.eval_split}.")
         _require(self.format in DATA_FORMATS, f"Dataset format must be one of {', '.join(DATA_FORMATS)}, not '{self.format}'.")
         _require(16 <= self.max_len <= 131072, f"Max length must be 16-131072 tokens, not {self.max_len}.")
 
@@ -127,6 +135,11 @@ class TrainingSettings:
     """AdamW weight decay on the adapter weights."""
     max_grad_norm: float = 1.0
     """Gradient clipping threshold; keeps a bad batch from wrecking the adapter."""
+    eval_every: int | None = None
+    """Measure the held-out loss every this many steps (and at the end). None: about five times per run."""
+    keep: str = "best"
+    """Which adapter to publish: 'best' (lowest held-out loss, so late overfitting does not ruin the persona) or
+    'last' (the final step's)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"Epochs must be positive, not {self.epochs}.")
@@ -137,17 +150,28 @@ class TrainingSettings:
         _require(self.batch_size >= 1, f"Batch size must be at least 1, not {self.batch_size}.")
         _require(self.grad_accum >= 1, f"Gradient accumulation must be at least 1, not {self.grad_accum}.")
         _require(self.checkpoint_every >= 1, "Checkpoint interval must be at least 1 step.")
+        _require(self.eval_every is None or self.eval_every >= 1, "Evaluation interval must be at least 1 step.")
+        _require(self.keep in KEEP_CHOICES, f"Keep must be one of {', '.join(KEEP_CHOICES)}, not '{self.keep}'.")
 
-    def batches_per_epoch(self, examples: int) -> int:
-        return math.ceil(examples / self.batch_size)
+    @property
+    def examples_per_step(self) -> int:
+        """The effective batch: examples behind one optimizer step."""
+        return self.batch_size * self.grad_accum
 
     def steps_per_epoch(self, examples: int) -> int:
         """Optimizer steps in one pass; an optimizer step never straddles two epochs."""
-        return math.ceil(self.batches_per_epoch(examples) / self.grad_accum)
+        return math.ceil(examples / self.examples_per_step)
 
     def planned_steps(self, examples: int) -> int:
         """The optimizer steps a run over `examples` training examples takes."""
         return self.max_steps or max(1, math.ceil(self.epochs * self.steps_per_epoch(examples)))
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Rounded up, so a short persona run (most are under 34 steps) still warms up instead of getting zero."""
+        return math.ceil(self.warmup_ratio * total_steps)
+
+    def eval_interval(self, total_steps: int) -> int:
+        return self.eval_every or max(1, math.ceil(total_steps / 5))
 
 
 @dataclass(frozen=True)

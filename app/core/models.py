@@ -222,15 +222,6 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_dtype(device: str):
-    """bf16 where the GPU has it, fp16 on older GPUs; fp32 on the CPU, where half precision is slower, not faster."""
-    import torch
-
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def quantization_config(quant: str, dtype):
     from transformers import BitsAndBytesConfig
 
@@ -260,13 +251,17 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(folder: Path, quant: str = "4bit", device: str | None = None, trust_remote_code: bool = False):
-    """Load the frozen base in the requested precision on `device` (CUDA when present, else CPU)."""
+def load_model(folder: Path, quant: str = "4bit", device: str | None = None, trust_remote_code: bool = False,
+               dtype=None):
+    """Load the frozen base on `device` (CUDA when present, else CPU), its weights held as `quant` says, computing in
+    `dtype` (default: what app.core.precision picks for the device)."""
     from transformers import AutoModelForCausalLM
+
+    from app.core.precision import compute_dtype
 
     quiet_transformers()
     device = device or pick_device()
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device).dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,

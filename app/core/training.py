@@ -1,41 +1,50 @@
 """Run a QLoRA training job from a RunConfig: frozen (4-bit) base, trainable low-rank A/B matrices.
 
-The loop is Tailor's own rather than HF Trainer's because three things matter on a home PC and Trainer makes each
+The loop is Tailor's own rather than HF Trainer's because four things matter on a home PC and Trainer makes each
 awkward: (1) batches are grouped by length (or packed) so no compute goes to padding, and logits are computed only
 where a token is trained, which on small models is a large share of time and memory; (2) a stop, pause or kill -9
-must leave a checkpoint the run can resume from, reaching the same final step count; (3) progress goes to a plain
-sink function, so the same job drives a rich progress bar, the Qt training panel, or a subprocess pipe.
+must leave a checkpoint the run resumes from to the same adapter the uninterrupted run would have made; (3) running
+out of memory halves the micro-batch and carries on, training the very same examples per step; (4) progress goes to
+a plain sink function, so the same job drives a rich progress bar, the Qt training panel, or a subprocess pipe.
+
+Shaped like a torchtune recipe: `TrainingRun.setup` builds data, model, optimizer and resume state; `train_step`,
+`evaluate`, `save_checkpoint` and `publish` are the named points features plug into; `run_training` is the loop.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import random
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from app import __version__
+from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
 from app.core.config import RunConfig
-from app.core.data import IGNORE_INDEX, Example, build_report, load_dataset_file, tokenize_dataset
+from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
 from app.core.errors import TailorError
+from app.core.heldout import prompts_of, split_rows, write_heldout
 from app.core.library import (
     LIBRARY_VERSION, MANIFEST_NAME, TRAINING_LOG_NAME, AdapterEntry, Library, write_json_atomic,
 )
 from app.core.models import ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
+from app.core.precision import OomSimulator, compute_dtype, is_out_of_memory
 
 RUN_CONFIG_NAME = "run_config.json"
 CHECKPOINT_NAME = "checkpoint"
 STATE_NAME = "trainer_state.pt"
 PROGRESS_NAME = "progress.json"
-# Length-grouping window: sort this many batches' worth of examples by length, so batches hold similar lengths
-# while the order stays random at the scale of the whole dataset.
-MEGABATCH_FACTOR = 32
+BEST_NAME = "best_adapter.safetensors"
 MIN_EVENT_INTERVAL_S = 0.1
+MAX_OOM_RECOVERIES = 2
+SAMPLE_PROMPTS = 2
+SAMPLE_TOKENS = 48
 
 
 # Events: small, frozen and JSON-serialisable so the job could move into a subprocess without changing the GUI.
@@ -52,6 +61,10 @@ class StartEvent:
     examples: int
     device: str
     trainable_params: int
+    heldout_examples: int = 0
+    """Examples kept out of training to measure the eval loss on (0: no evaluation)."""
+    precision: str = ""
+    """What the run computes in, and why, in plain words."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,30 @@ class StepEvent:
     eta_s: float
     memory_bytes: int
     """Peak CUDA memory on a GPU, the process's resident memory on the CPU."""
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    step: int
+    eval_loss: float
+    """Mean loss per trained token of the held-out examples."""
+    best: bool
+    """This is the lowest eval loss so far (the checkpoint `--keep best` would publish)."""
+
+
+@dataclass(frozen=True)
+class SampleEvent:
+    step: int
+    samples: list
+    """[{"prompt": the last user message, "reply": the persona's greedy reply now}, ...]"""
+
+
+@dataclass(frozen=True)
+class RecoveryEvent:
+    step: int
+    micro_batch_size: int
+    grad_accum: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -92,12 +129,13 @@ class PausedEvent:
     checkpoint: str
 
 
-Event = StatusEvent | StartEvent | StepEvent | CheckpointEvent | FinishedEvent | PausedEvent
+Event = (StatusEvent | StartEvent | StepEvent | EvalEvent | SampleEvent | RecoveryEvent | CheckpointEvent
+         | FinishedEvent | PausedEvent)
 Sink = Callable[[Event], None]
 
 
-_EVENT_TYPES = {cls.__name__: cls for cls in (StatusEvent, StartEvent, StepEvent, CheckpointEvent, FinishedEvent,
-                                               PausedEvent)}
+_EVENT_TYPES = {cls.__name__: cls for cls in (StatusEvent, StartEvent, StepEvent, EvalEvent, SampleEvent,
+                                               RecoveryEvent, CheckpointEvent, FinishedEvent, PausedEvent)}
 
 
 def event_to_dict(event: Event) -> dict:
@@ -133,6 +171,10 @@ class TrainingControl:
     def pause_requested(self) -> bool:
         return self._pause.is_set()
 
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_requested or self.pause_requested
+
 
 @dataclass(frozen=True)
 class TrainingResult:
@@ -143,45 +185,6 @@ class TrainingResult:
     final_loss: float | None
     paused: bool
     stopped_early: bool
-
-
-def group_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Random batches of similar-length examples; deterministic in (seed, epoch) so a resumed run sees the same order."""
-    rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * MEGABATCH_FACTOR
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: list[Example], pad_id: int, packing: bool):
-    """Padded rows (length-grouped, so little padding) or one packed row whose position ids restart per example."""
-    import torch
-
-    if packing:
-        ids = [t for e in examples for t in e.input_ids]
-        labels = []
-        for example in examples:
-            # The first token of each example must not be predicted from the previous example's last token.
-            labels += [IGNORE_INDEX] + example.labels[1:]
-        positions = [p for e in examples for p in range(len(e.input_ids))]
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]), "attention_mask": None}
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": None}
 
 
 def trained_token_loss(model, batch: dict, device: str):
@@ -210,14 +213,43 @@ def trained_token_loss(model, batch: dict, device: str):
     return F.cross_entropy(logits, targets[selected], reduction="sum"), int(selected.sum())
 
 
-def _memory_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
+# Setup pieces
 
-        return int(torch.cuda.max_memory_allocated())
-    import psutil
 
-    return psutil.Process().memory_info().rss
+@dataclass
+class RunData:
+    """The tokenised dataset of a run, split into what it trains on and what it measures on."""
+
+    tokenizer: object
+    train: list[Example]
+    heldout: list[Example]
+    heldout_rows: LoadedDataset | None
+    """The held-out conversations as read (for sample replies and the report card)."""
+    report: DatasetReport
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(example.input_ids) for example in self.train]
+
+
+def prepare_data(config: RunConfig, resolved: ResolvedBase, sink: Sink) -> RunData:
+    """Read, split and tokenise the dataset; errors here are the user's to fix, so nothing is recorded yet."""
+    tokenizer = load_tokenizer(resolved.folder, config.model.trust_remote_code)
+    sink(StatusEvent("Reading the dataset…"))
+    data = config.data
+    loaded = load_dataset_file(data.path, data.format, data.prompt_column, data.response_column)
+    if data.eval_path:
+        train_rows = loaded
+        heldout_rows = load_dataset_file(data.eval_path, data.format, data.prompt_column, data.response_column)
+    else:
+        train_rows, heldout_rows = split_rows(loaded, data.eval_split, config.training.seed)
+    examples, lengths = tokenize_dataset(tokenizer, train_rows, data.max_len, config.system_prompt)
+    heldout = tokenize_dataset(tokenizer, heldout_rows, data.max_len, config.system_prompt)[0] if heldout_rows else []
+    report = build_report(loaded, lengths, len(examples), data.max_len)
+    if not examples:
+        raise TailorError(f"No example in {loaded.path.name} keeps an assistant reply within {data.max_len} tokens.",
+                          "Raise the max length.")
+    return RunData(tokenizer, examples, heldout, heldout_rows if heldout else None, report)
 
 
 def _lora_config(config: RunConfig):
@@ -235,23 +267,350 @@ def _lora_config(config: RunConfig):
     )
 
 
-def _save_checkpoint(run_dir: Path, model, state: dict) -> Path:
-    """Replace the run's checkpoint atomically: a kill at any moment leaves the previous or the new one whole."""
+def _memory_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _free_memory(device: str) -> None:
+    """Give the memory back now rather than whenever the garbage collector runs: pause means free the GPU."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _rng_state(device: str) -> dict:
     import torch
 
-    staging = run_dir / f".{CHECKPOINT_NAME}.new"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    torch.save(state, staging / STATE_NAME)
-    # Readable without torch, so the GUI can offer "resume at step 40 of 100" instantly.
-    write_json_atomic(staging / PROGRESS_NAME, {"step": state["step"], "total_steps": state["total_steps"]})
-    target, previous = run_dir / CHECKPOINT_NAME, run_dir / f".{CHECKPOINT_NAME}.old"
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
-    return target
+    state = {"cpu": torch.get_rng_state()}
+    if device == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunProgress:
+    """Everything about a run's progress a checkpoint keeps besides the adapter, optimizer and RNG."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    micro_batch_size: int = 1
+    """Examples per forward pass now: the configured batch size, halved by each out-of-memory recovery."""
+    recoveries: list[dict] = field(default_factory=list)
+    best_eval: dict | None = None
+    """{"step": s, "eval_loss": x} of the lowest held-out loss so far; its adapter is in the run's BEST_NAME file."""
+    elapsed_s: float = 0.0
+
+
+class TrainingRun:
+    """One run's live state — model, optimizer, schedule, step plan, progress — and the steps that move it on."""
+
+    def __init__(self, config: RunConfig, library: Library, sink: Sink, resolved: ResolvedBase, data: RunData):
+        import torch
+        from peft import get_peft_model
+        from transformers import get_scheduler
+
+        self.config, self.library, self.sink, self.resolved, self.data = config, library, sink, resolved, data
+        self.run_dir = library.run_dir(config.name)
+        training = config.training
+        self.device = pick_device()
+        self.precision = compute_dtype(self.device)
+        torch.manual_seed(training.seed)
+        sink(StatusEvent(f"Loading the base model ({config.model.quant}) on {self.device.upper()}…"))
+        base = load_model(resolved.folder, config.model.quant, self.device, config.model.trust_remote_code,
+                          dtype=self.precision.dtype)
+        if training.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = get_peft_model(base, _lora_config(config))
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
+        self.total_steps = training.planned_steps(len(data.train))
+        self.scheduler = get_scheduler(training.lr_schedule, self.optimizer,
+                                       num_warmup_steps=training.warmup_steps(self.total_steps),
+                                       num_training_steps=self.total_steps)
+        # fp16 (GPUs without native bf16) underflows small gradients unless the loss is scaled.
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_grad_scaler else None
+        self.plan = StepPlan(data.lengths, training.examples_per_step, training.seed)
+        self.eval_every = training.eval_interval(self.total_steps)
+        self.progress = RunProgress(micro_batch_size=training.batch_size)
+        self.oom_simulator = OomSimulator()
+        self._started = time.monotonic()
+
+    # Named points of the recipe
+
+    def train_step(self) -> dict:
+        """One optimizer step over the plan's examples for it, in micro-batches; returns its log entry."""
+        import torch
+
+        indices = self.plan.examples_for(self.progress.step)
+        micro = split_micro_batches(indices, self.data.lengths, self.progress.micro_batch_size)
+        batches = [collate([self.data.train[i] for i in chunk], self.data.tokenizer.pad_token_id,
+                           self.config.data.packing) for chunk in micro]
+        step_tokens = sum(trained_tokens(batch) for batch in batches)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.oom_simulator.check(self.progress.step + 1)
+        loss_total = 0.0
+        for batch in batches:
+            with self._autocast():
+                loss_sum, _ = trained_token_loss(self.model, batch, self.device)
+            # Normalised by the whole step's trained tokens, so the gradient is the same however the step is split.
+            loss = loss_sum / step_tokens
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_total += float(loss_sum.detach())
+        self._optimizer_step()
+        self.progress.step += 1
+        entry = {"step": self.progress.step, "epoch": self.plan.epoch_of(self.progress.step - 1) + 1,
+                 "loss": loss_total / step_tokens, "lr": learning_rate, "examples": len(indices), "tokens": step_tokens,
+                 "real_tokens": sum(self.data.lengths[i] for i in indices)}
+        self.progress.history.append(entry)
+        return entry
+
+    def evaluate(self) -> float:
+        """Mean loss per trained token over the held-out examples; records it and keeps the best adapter."""
+        import torch
+
+        self.model.eval()
+        total, tokens = 0.0, 0
+        lengths = [len(example.input_ids) for example in self.data.heldout]
+        with torch.no_grad():
+            for chunk in split_micro_batches(range(len(self.data.heldout)), lengths, self.progress.micro_batch_size):
+                batch = collate([self.data.heldout[i] for i in chunk], self.data.tokenizer.pad_token_id, False)
+                with self._autocast():
+                    loss_sum, count = trained_token_loss(self.model, batch, self.device)
+                total, tokens = total + float(loss_sum), tokens + count
+        self.model.train()
+        eval_loss = total / max(tokens, 1)
+        self.progress.history[-1]["eval_loss"] = eval_loss
+        best = self.progress.best_eval is None or eval_loss < self.progress.best_eval["eval_loss"]
+        if best:
+            self._save_best(eval_loss)
+        self.sink(EvalEvent(self.progress.step, eval_loss, best))
+        return eval_loss
+
+    def sample_replies(self, count: int) -> list[dict]:
+        """The persona's short greedy replies to a few held-out prompts, as it is right now."""
+        import torch
+
+        from app.core.data import with_system_prompt
+
+        samples = []
+        self.model.eval()
+        with torch.no_grad():
+            for messages in prompts_of(self.data.heldout_rows, count):
+                text = self.data.tokenizer.apply_chat_template(with_system_prompt(messages, self.config.system_prompt),
+                                                               tokenize=False, add_generation_prompt=True)
+                ids = self.data.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
+                with self._autocast():
+                    output = self.model.generate(**ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False, use_cache=True,
+                                                 pad_token_id=self.data.tokenizer.pad_token_id)
+                reply = self.data.tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+                samples.append({"prompt": messages[-1]["content"], "reply": reply.strip()})
+        self.model.train()
+        self.sink(SampleEvent(self.progress.step, samples))
+        return samples
+
+    def save_checkpoint(self) -> Path:
+        """Replace the run's checkpoint atomically: a kill at any moment leaves the previous or the new one whole."""
+        import torch
+
+        staging = self.run_dir / f".{CHECKPOINT_NAME}.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        torch.save(self._state(), staging / STATE_NAME)
+        # Readable without torch, so the GUI can offer "resume at step 40 of 100" instantly.
+        write_json_atomic(staging / PROGRESS_NAME, {"step": self.progress.step, "total_steps": self.total_steps})
+        target, previous = self.run_dir / CHECKPOINT_NAME, self.run_dir / f".{CHECKPOINT_NAME}.old"
+        shutil.rmtree(previous, ignore_errors=True)
+        if target.exists():
+            os.replace(target, previous)
+        os.replace(staging, target)
+        shutil.rmtree(previous, ignore_errors=True)
+        return target
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint: adapter, optimizer, schedule, RNG and progress as they were at its step."""
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = torch.load(checkpoint / STATE_NAME, weights_only=True)
+        if state["dataset_fingerprint"] != self.data.report.fingerprint:
+            raise TailorError(f"The dataset {self.data.report.path} changed since the run started, so it cannot be "
+                              "resumed.", "Restore the original file, or delete the run folder and start again: "
+                              + str(self.run_dir))
+        set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors", device=self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _restore_rng_state(state["rng"])
+        self.progress = RunProgress(**state["progress"])
+
+    def recover_from_out_of_memory(self, error: BaseException) -> None:
+        """Halve the micro-batch (doubling accumulation, so each step trains the same examples) and go on.
+
+        A failure in the forward or backward pass leaves the adapter and optimizer exactly as they were at the start
+        of the step, so the step is simply retried: no work is lost. A failure inside the optimizer update may have
+        changed some weights, so the run goes back to its last checkpoint.
+        """
+        failed_step = self.progress.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        _free_memory(self.device)
+        if len(self.progress.recoveries) >= MAX_OOM_RECOVERIES or self.progress.micro_batch_size == 1:
+            raise TailorError(
+                f"Training ran out of memory at step {failed_step} even with {self.progress.micro_batch_size} "
+                f"example(s) per pass, after {len(self.progress.recoveries)} automatic retr"
+                f"{'y' if len(self.progress.recoveries) == 1 else 'ies'} with smaller batches.",
+                "Use less memory per example: a shorter max length (--max-len), a smaller rank (--rank), "
+                "4-bit quantisation (--quant 4bit) and gradient checkpointing; or close other programs using the "
+                "GPU. Your progress is kept: the last checkpoint resumes with --resume.") from error
+        lost_steps = 0
+        if self._in_optimizer_update:
+            checkpoint = _find_checkpoint(self.run_dir)
+            recoveries = self.progress.recoveries
+            self.restore(checkpoint)
+            self.progress.recoveries = recoveries
+            lost_steps = failed_step - 1 - self.progress.step
+        self.progress.micro_batch_size = math.ceil(self.progress.micro_batch_size / 2)
+        accumulation = math.ceil(self.config.training.examples_per_step / self.progress.micro_batch_size)
+        record = {"step": failed_step, "micro_batch_size": self.progress.micro_batch_size, "grad_accum": accumulation,
+                  "lost_steps": lost_steps, "error": str(error).splitlines()[0][:200] if str(error) else type(error).__name__}
+        self.progress.recoveries.append(record)
+        lost = f" and went back {lost_steps} step(s) to the last checkpoint" if lost_steps else " (no work lost)"
+        self.sink(RecoveryEvent(failed_step, self.progress.micro_batch_size, accumulation,
+                                f"Ran out of memory at step {failed_step}; retrying with {self.progress.micro_batch_size} "
+                                f"example(s) per pass x {accumulation} accumulated, the same examples per step{lost}."))
+
+    def publish(self) -> AdapterEntry:
+        """Write the PEFT folder and manifest into staging, then rename it into the library in one step."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config, progress = self.config, self.progress
+        kept_step = progress.step
+        best = progress.best_eval
+        if config.training.keep == "best" and best and best["step"] != progress.step:
+            set_peft_model_state_dict(self.model, load_file(self.run_dir / BEST_NAME, device=self.device))
+            kept_step = best["step"]
+        report = self.data.report
+        with self.library.staging() as staged:
+            self.model.save_pretrained(staged)
+            adapter_config = json.loads((staged / "adapter_config.json").read_text())
+            adapter_config["base_model_name_or_path"] = self.resolved.model_id
+            write_json_atomic(staged / "adapter_config.json", adapter_config)
+            write_heldout(staged, self.data.heldout_rows)
+            manifest = {
+                "library_version": LIBRARY_VERSION,
+                "tailor_version": __version__,
+                "name": config.name,
+                "kind": "trained",
+                "system_prompt": config.system_prompt,
+                "base_model": {"id": self.resolved.model_id, "source": config.model.base,
+                               "fingerprint": self.resolved.fingerprint(),
+                               "architecture": self.resolved.config().get("model_type")},
+                "dataset": {"path": report.path, "fingerprint": report.fingerprint, "rows": report.rows,
+                            "usable_rows": report.usable_rows, "format": report.format,
+                            "trained_examples": len(self.data.train), "heldout_examples": len(self.data.heldout)},
+                "config": config.to_dict(),
+                "final_loss": progress.history[-1]["loss"] if progress.history else None,
+                "eval_loss": _eval_loss_at(progress.history, kept_step),
+                "kept_step": kept_step,
+                "steps": progress.step,
+                "planned_steps": self.total_steps,
+                "precision": self.precision.reason,
+                "oom_recoveries": progress.recoveries,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            write_json_atomic(staged / MANIFEST_NAME, manifest)
+            write_json_atomic(staged / TRAINING_LOG_NAME, progress.history)
+            return self.library.publish(staged, config.name)
+
+    def release(self) -> None:
+        del self.model, self.optimizer, self.trainable
+        _free_memory(self.device)
+
+    # Helpers
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.step >= self.total_steps
+
+    def eval_due(self) -> bool:
+        return bool(self.data.heldout) and (self.progress.step % self.eval_every == 0 or self.finished)
+
+    def checkpoint_due(self) -> bool:
+        return self.progress.step % self.config.training.checkpoint_every == 0 and not self.finished
+
+    def step_event(self, entry: dict, step_seconds: float, steps_this_session: int, tokens_seen: int,
+                   session_started: float) -> StepEvent:
+        now = time.monotonic()
+        return StepEvent(step=entry["step"], total_steps=self.total_steps,
+                         epoch=entry["step"] / self.plan.steps_per_epoch, loss=entry["loss"],
+                         learning_rate=entry["lr"], tokens_per_s=entry["real_tokens"] / max(step_seconds, 1e-9),
+                         tokens_seen=tokens_seen, elapsed_s=self.progress.elapsed_s,
+                         eta_s=(now - session_started) / steps_this_session * (self.total_steps - entry["step"]),
+                         memory_bytes=_memory_bytes(self.device))
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.float16) if self.scaler else nullcontext()
+
+    _in_optimizer_update = False
+
+    def _optimizer_step(self) -> None:
+        import torch
+
+        self._in_optimizer_update = True
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.training.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._in_optimizer_update = False
+
+    def _state(self) -> dict:
+        """Only tensors and plain data, so resuming can load it with torch.load(weights_only=True)."""
+        return {"progress": asdict(self.progress), "total_steps": self.total_steps,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _rng_state(self.device),
+                "dataset_fingerprint": self.data.report.fingerprint}
+
+    def _save_best(self, eval_loss: float) -> None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        staging = self.run_dir / f".{BEST_NAME}.new"
+        save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()},
+                  staging)
+        os.replace(staging, self.run_dir / BEST_NAME)
+        self.progress.best_eval = {"step": self.progress.step, "eval_loss": eval_loss}
+
+
+def _eval_loss_at(history: list[dict], step: int) -> float | None:
+    return next((entry.get("eval_loss") for entry in history if entry["step"] == step), None)
 
 
 def _find_checkpoint(run_dir: Path) -> Path | None:
@@ -313,168 +672,71 @@ def _interrupted_hint(library: Library) -> str:
     return f" Interrupted runs: {', '.join(runs)}." if runs else ""
 
 
-def run_training(config: RunConfig, library: Library, sink: Sink = lambda event: None,
-                 control: TrainingControl | None = None, resume: bool = False) -> TrainingResult:
-    import torch
-    from peft import get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import get_scheduler
-
-    control = control or TrainingControl()
-    config = check_run_name(config, library, resume)
-    run_dir = library.run_dir(config.name)
-    checkpoint = _find_checkpoint(run_dir) if resume else None
-
+def setup(config: RunConfig, library: Library, sink: Sink, resume: bool) -> TrainingRun:
+    """Model, data, optimizer and, when resuming, the state the interrupted run reached."""
     sink(StatusEvent("Preparing the base model…"))
     resolved = resolve_base(config.model.base, progress=lambda message: sink(StatusEvent(message)))
-    tokenizer = load_tokenizer(resolved.folder, config.model.trust_remote_code)
-    sink(StatusEvent("Reading the dataset…"))
-    loaded = load_dataset_file(config.data.path, config.data.format, config.data.prompt_column, config.data.response_column)
-    examples, lengths = tokenize_dataset(tokenizer, loaded, config.data.max_len, config.system_prompt)
-    report = build_report(loaded, lengths, len(examples), config.data.max_len)
-    if not examples:
-        raise TailorError(f"No example in {loaded.path.name} keeps an assistant reply within {config.data.max_len} tokens.",
-                          "Raise the max length.")
-    if checkpoint is not None:
-        state = torch.load(checkpoint / STATE_NAME, weights_only=False)
-        if state["dataset_fingerprint"] != report.fingerprint:
-            raise TailorError(f"The dataset {loaded.path} changed since the run started, so it cannot be resumed.",
-                              "Restore the original file, or delete the run folder and start again: " + str(run_dir))
-    else:
-        state = None
+    data = prepare_data(config, resolved, sink)
+    checkpoint = _find_checkpoint(library.run_dir(config.name)) if resume else None
     if not resume:
         _claim_run_dir(config, library)
+    run = TrainingRun(config, library, sink, resolved, data)
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    else:
+        # Step 0 is a checkpoint too, so an out-of-memory failure inside the very first updates has one to go back to.
+        run.save_checkpoint()
+    return run
 
-    device = pick_device()
-    torch.manual_seed(config.training.seed)
-    sink(StatusEvent(f"Loading the base model ({config.model.quant}) on {device.upper()}…"))
-    base = load_model(resolved.folder, config.model.quant, device, config.model.trust_remote_code)
-    if config.training.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, _lora_config(config))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.training.learning_rate, weight_decay=config.training.weight_decay)
 
-    training = config.training
-    batches_per_epoch = training.batches_per_epoch(len(examples))
-    steps_per_epoch = training.steps_per_epoch(len(examples))
-    total_steps = training.planned_steps(len(examples))
-    scheduler = get_scheduler(training.lr_schedule, optimizer, num_warmup_steps=int(training.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    step, history = 0, []
-    if state is not None:
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, history = state["step"], state["history"]
-
-    example_lengths = [len(e.input_ids) for e in examples]
-    pad_id = tokenizer.pad_token_id
-    sink(StartEvent(total_steps, step, len(examples), device, sum(p.numel() for p in trainable)))
-    model.train()
-    started, last_event, steps_this_session, tokens_seen = time.monotonic(), 0.0, 0, 0
-    prior_elapsed = state["elapsed_s"] if state else 0.0
-
-    def checkpoint_state() -> dict:
-        return {"step": step, "total_steps": total_steps, "history": history, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "dataset_fingerprint": report.fingerprint,
-                "elapsed_s": prior_elapsed + time.monotonic() - started}
-
-    batch_cache: dict[int, list[list[int]]] = {}
-    while step < total_steps and not control.stop_requested and not control.pause_requested:
+def run_training(config: RunConfig, library: Library, sink: Sink = lambda event: None,
+                 control: TrainingControl | None = None, resume: bool = False,
+                 sample_prompts: int = 0) -> TrainingResult:
+    """Train `config` into the library; `sample_prompts` held-out prompts are answered at each evaluation."""
+    control = control or TrainingControl()
+    config = check_run_name(config, library, resume)
+    run = setup(config, library, sink, resume)
+    sink(StartEvent(run.total_steps, run.progress.step, len(run.data.train), run.device, sum(p.numel() for p in run.trainable),
+                    len(run.data.heldout), run.precision.reason))
+    run.model.train()
+    session_started, last_event, steps_this_session, tokens_seen = time.monotonic(), 0.0, 0, 0
+    while not run.finished and not control.interrupted:
         step_started = time.monotonic()
-        micro_batches = []
-        for micro in range(step * training.grad_accum, (step + 1) * training.grad_accum):
-            epoch, position = divmod(micro, batches_per_epoch)
-            if micro_batches and position == 0:
-                break  # an optimizer step never straddles two epochs
-            if epoch not in batch_cache:
-                batch_cache = {epoch: group_batches(example_lengths, training.batch_size, training.seed, epoch)}
-            micro_batches.append(batch_cache[epoch][position])
-        collated = [collate([examples[i] for i in indices], pad_id, config.data.packing) for indices in micro_batches]
-        step_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in collated)
-        real_tokens = sum(len(examples[i].input_ids) for indices in micro_batches for i in indices)
-        loss_total = 0.0
-        for batch in collated:
-            loss_sum, _ = trained_token_loss(model, batch, device)
-            (loss_sum / step_tokens).backward()
-            loss_total += float(loss_sum.detach())
-        torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_session += 1
-        tokens_seen += real_tokens
-        loss = loss_total / step_tokens
-        learning_rate = scheduler.get_last_lr()[0]
-        history.append({"step": step, "loss": loss, "lr": learning_rate})
-
+        try:
+            entry = run.train_step()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            run.recover_from_out_of_memory(error)
+            continue
         now = time.monotonic()
-        if now - last_event >= MIN_EVENT_INTERVAL_S or step == total_steps:
+        run.progress.elapsed_s += now - step_started
+        steps_this_session, tokens_seen = steps_this_session + 1, tokens_seen + entry["real_tokens"]
+        if now - last_event >= MIN_EVENT_INTERVAL_S or run.finished:
             last_event = now
-            seconds_per_step = (now - started) / steps_this_session
-            sink(StepEvent(step=step, total_steps=total_steps, epoch=step / steps_per_epoch, loss=loss,
-                           learning_rate=learning_rate, tokens_per_s=real_tokens / max(now - step_started, 1e-9), tokens_seen=tokens_seen,
-                           elapsed_s=prior_elapsed + now - started, eta_s=seconds_per_step * (total_steps - step),
-                           memory_bytes=_memory_bytes(device)))
-        if step % training.checkpoint_every == 0 and step < total_steps:
-            sink(CheckpointEvent(step, str(_save_checkpoint(run_dir, model, checkpoint_state()))))
+            sink(run.step_event(entry, now - step_started, steps_this_session, tokens_seen, session_started))
+        if run.eval_due():
+            run.evaluate()
+            if sample_prompts:
+                run.sample_replies(sample_prompts)
+        if run.checkpoint_due():
+            sink(CheckpointEvent(run.progress.step, str(run.save_checkpoint())))
 
+    history = run.progress.history
     final_loss = history[-1]["loss"] if history else None
-    if control.pause_requested and step < total_steps:
-        saved = _save_checkpoint(run_dir, model, checkpoint_state())
-        del model, base, optimizer, trainable
-        _free_memory(device)
-        sink(PausedEvent(step, str(saved)))
-        return TrainingResult(None, step, total_steps, final_loss, paused=True, stopped_early=False)
+    if control.pause_requested and not run.finished:
+        saved = run.save_checkpoint()
+        run.release()
+        sink(PausedEvent(run.progress.step, str(saved)))
+        return TrainingResult(None, run.progress.step, run.total_steps, final_loss, paused=True, stopped_early=False)
 
+    if run.data.heldout and "eval_loss" not in history[-1]:
+        run.evaluate()  # a stopped run is still judged by its held-out loss before the best one is chosen
     sink(StatusEvent("Saving the adapter…"))
-    entry = _publish_adapter(library, config, model, resolved, report, history, step, total_steps)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    stopped_early = step < total_steps
-    del model, base, optimizer, trainable
-    _free_memory(device)
-    sink(FinishedEvent(entry.name, str(entry.path), step, final_loss, stopped_early))
-    return TrainingResult(entry, step, total_steps, final_loss, paused=False, stopped_early=stopped_early)
-
-
-def _publish_adapter(library: Library, config: RunConfig, model, resolved: ResolvedBase, report, history: list[dict],
-                     steps: int, total_steps: int) -> AdapterEntry:
-    """Write the PEFT folder and manifest into staging, then rename it into the library in one step."""
-    with library.staging() as staged:
-        model.save_pretrained(staged)
-        adapter_config = json.loads((staged / "adapter_config.json").read_text())
-        adapter_config["base_model_name_or_path"] = resolved.model_id
-        write_json_atomic(staged / "adapter_config.json", adapter_config)
-        manifest = {
-            "library_version": LIBRARY_VERSION,
-            "tailor_version": __version__,
-            "name": config.name,
-            "kind": "trained",
-            "system_prompt": config.system_prompt,
-            "base_model": {"id": resolved.model_id, "source": config.model.base, "fingerprint": resolved.fingerprint(),
-                           "architecture": resolved.config().get("model_type")},
-            "dataset": {"path": report.path, "fingerprint": report.fingerprint, "rows": report.rows,
-                        "usable_rows": report.usable_rows, "format": report.format},
-            "config": config.to_dict(),
-            "final_loss": history[-1]["loss"] if history else None,
-            "steps": steps,
-            "planned_steps": total_steps,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json_atomic(staged / MANIFEST_NAME, manifest)
-        write_json_atomic(staged / TRAINING_LOG_NAME, history)
-        return library.publish(staged, config.name)
-
-
-def _free_memory(device: str) -> None:
-    """Give the memory back now rather than whenever the garbage collector runs: pause means free the GPU."""
-    import gc
-
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+    entry = run.publish()
+    shutil.rmtree(run.run_dir, ignore_errors=True)
+    stopped_early = not run.finished
+    steps = run.progress.step
+    run.release()
+    sink(FinishedEvent(entry.name, str(entry.path), steps, final_loss, stopped_early))
+    return TrainingResult(entry, steps, run.total_steps, final_loss, paused=False, stopped_early=stopped_early)

@@ -15,9 +15,10 @@ import pytest
 from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
 from app.core.errors import TailorError
 from app.core.library import Library
+from app.core.batches import collate, group_batches
 from app.core.training import (
-    FinishedEvent, PausedEvent, StartEvent, StepEvent, TrainingControl, collate, group_batches,
-    interrupted_run_progress, run_training, trained_token_loss,
+    FinishedEvent, PausedEvent, StartEvent, StepEvent, TrainingControl, interrupted_run_progress, run_training,
+    trained_token_loss,
 )
 
 
@@ -178,3 +179,125 @@ def test_kill_9_then_resume_from_the_command_line(tiny_base, chat_jsonl, tmp_pat
     assert manifest["steps"] == 150
     steps = [entry["step"] for entry in library.get("killed").training_log()]
     assert steps == list(range(1, 151))
+
+
+# Issue: a trainer you can trust (coverage, logging, warm-up, checkpoints, resume equivalence, OOM recovery)
+
+
+@pytest.mark.parametrize("examples", [7, 8, 9, 13, 16])
+@pytest.mark.parametrize("batch_size,grad_accum", [(1, 1), (2, 2), (3, 3), (2, 4), (4, 3)])
+def test_every_epoch_covers_every_example_once_and_the_run_trains_exactly_its_epochs(examples, batch_size, grad_accum):
+    from app.core.batches import StepPlan, split_micro_batches
+
+    lengths = [(i * 7) % 11 + 3 for i in range(examples)]
+    training = TrainingSettings(epochs=3, batch_size=batch_size, grad_accum=grad_accum)
+    plan = StepPlan(lengths, training.examples_per_step, seed=5)
+    total = training.planned_steps(examples)
+    seen: dict[int, list[int]] = {}
+    for step in range(total):
+        indices = plan.examples_for(step)
+        micro = split_micro_batches(indices, lengths, batch_size)
+        assert len(micro) <= grad_accum and all(len(chunk) <= batch_size for chunk in micro)
+        seen.setdefault(plan.epoch_of(step), []).extend(i for chunk in micro for i in chunk)
+    assert sorted(seen) == [0, 1, 2], "exactly `epochs` epochs, none spilled into a fourth"
+    for epoch, indices in seen.items():
+        assert sorted(indices) == list(range(examples)), f"epoch {epoch} must train every example exactly once"
+
+
+def test_the_log_records_examples_and_tokens_per_step_covering_every_example_per_epoch(tiny_base, chat_jsonl, tmp_path):
+    # 16 rows, no held-out split below 20 rows; batch 3 x accumulation 2 does not divide the epoch evenly.
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=None, epochs=2, batch_size=3, grad_accum=2,
+                         checkpoint_every=100)
+    result = run_training(config, Library(tmp_path / "lib"))
+    log = result.adapter.training_log()
+    assert result.steps == 2 * 3 == len(log)
+    for epoch in (1, 2):
+        assert sum(entry["examples"] for entry in log if entry["epoch"] == epoch) == 16
+    assert all(entry["tokens"] > 0 for entry in log)
+
+
+def test_short_runs_still_warm_up():
+    assert TrainingSettings(warmup_ratio=0.03).warmup_steps(20) == 1
+    assert TrainingSettings(warmup_ratio=0.0).warmup_steps(20) == 0
+    assert TrainingSettings(warmup_ratio=0.1).warmup_steps(100) == 10
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_data(tiny_base, chat_jsonl, tmp_path):
+    """Resuming must not need torch.load(weights_only=False), which would run any pickled code in the file."""
+    import torch
+
+    library = Library(tmp_path / "lib")
+    control = TrainingControl()
+    run_training(tiny_config(tiny_base, chat_jsonl, max_steps=6), library,
+                 lambda event: isinstance(event, StepEvent) and control.request_pause(), control)
+    state = torch.load(library.run_dir("tiny") / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["progress"]["step"] >= 1 and "cpu" in state["rng"]
+
+
+def _adapter_tensors(entry):
+    from safetensors.torch import load_file
+
+    return load_file(entry.path / "adapter_model.safetensors")
+
+
+def test_pause_and_resume_end_with_the_uninterrupted_runs_adapter(tiny_base, chat_jsonl, tmp_path):
+    """Data order, dropout masks, optimizer moments and the schedule all continue exactly where they stopped."""
+    import torch
+
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=8, checkpoint_every=3, batch_size=3, grad_accum=2)
+    config = config.replace(lora=LoraSettings(rank=4, alpha=8, dropout=0.1))
+    straight = run_training(config, Library(tmp_path / "straight"))
+
+    library = Library(tmp_path / "interrupted")
+    control = TrainingControl()
+    run_training(config, library, lambda e: isinstance(e, StepEvent) and e.step >= 3 and control.request_pause(),
+                 control)
+    assert 3 <= interrupted_run_progress(library, "tiny")[0] < 8
+    resumed = run_training(config, library, resume=True)
+
+    expected, actual = _adapter_tensors(straight.adapter), _adapter_tensors(resumed.adapter)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert [e["loss"] for e in resumed.adapter.training_log()] == pytest.approx(
+        [e["loss"] for e in straight.adapter.training_log()], rel=1e-5)
+
+
+def test_simulated_out_of_memory_recovers_with_smaller_micro_batches(tiny_base, chat_jsonl, tmp_path, monkeypatch):
+    from app.core.training import RecoveryEvent
+
+    monkeypatch.setenv("TAILOR_SIMULATE_OOM_AT", "2,5")
+    events = []
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=None, epochs=2, batch_size=4, grad_accum=1)
+    result = run_training(config, Library(tmp_path / "lib"), events.append)
+
+    recoveries = [e for e in events if isinstance(e, RecoveryEvent)]
+    assert [(e.step, e.micro_batch_size, e.grad_accum) for e in recoveries] == [(2, 2, 2), (5, 1, 4)]
+    log = result.adapter.training_log()
+    assert result.steps == result.total_steps == 8 and [e["step"] for e in log] == list(range(1, 9))
+    for epoch in (1, 2):
+        assert sum(entry["examples"] for entry in log if entry["epoch"] == epoch) == 16
+    recorded = result.adapter.manifest["oom_recoveries"]
+    assert [(r["step"], r["micro_batch_size"], r["grad_accum"]) for r in recorded] == [(2, 2, 2), (5, 1, 4)]
+    assert all(r["lost_steps"] == 0 for r in recorded)
+
+
+def test_out_of_memory_three_times_stops_with_the_fix_and_keeps_the_checkpoint(tiny_base, chat_jsonl, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("TAILOR_SIMULATE_OOM_AT", "3,4,5")
+    library = Library(tmp_path / "lib")
+    with pytest.raises(TailorError, match="ran out of memory at step 5") as raised:
+        run_training(tiny_config(tiny_base, chat_jsonl, max_steps=8, batch_size=8, checkpoint_every=2), library)
+    assert "--max-len" in raised.value.hint and "--resume" in raised.value.hint
+    assert interrupted_run_progress(library, "tiny") == (4, 8)
+
+
+def test_the_train_command_recovers_from_simulated_oom_and_exits_0(tiny_base, chat_jsonl, tmp_path):
+    env = {**os.environ, "TAILOR_HOME": str(tmp_path / "lib"), "TAILOR_SIMULATE_OOM_AT": "2"}
+    command = [sys.executable, "-m", "app.cli", "train", "--data", str(chat_jsonl), "--base", str(tiny_base),
+               "--name", "oom", "--max-steps", "4", "--batch-size", "4", "--rank", "4", "--max-len", "64"]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert "out of memory at step 2" in finished.stdout.lower()
+    manifest = Library(tmp_path / "lib").get("oom").manifest
+    assert manifest["steps"] == 4 and manifest["oom_recoveries"][0]["micro_batch_size"] == 2
