@@ -19,15 +19,17 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.errors import TailorError
+from app.core.evaluation import saved_report_card
 from app.core.library import AdapterEntry, BaseProfile, Library, add_peft_folder, adapter_fit, human_size
 from app.gui.chat_worker import loaded_base
+from app.gui.report_card import open_report_card
 from app.gui.style import ACCENT, BAD, GOOD, WARN
 from app.gui.training_panel import SmoothedSeries
 from app.gui.wizard.base import Banner
 from app.gui.wizard.widgets import LazyPlots, static_plot
 from app.gui.workers import Job, run_function
 
-COLUMNS = ("Fit", "Persona", "Kind", "Base model", "Rank", "Size", "Created", "Final loss", "Rows", "Status")
+COLUMNS = ("Fit", "Persona", "Kind", "Base model", "Rank", "Size", "Created", "Final loss", "Rows", "Report card", "Status")
 FIT, NAME = 0, 1
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 # Rewrites of one adapter (training publishes, a copy lands) fire several change events; one refresh is enough.
@@ -134,6 +136,9 @@ class LibraryPanel(QWidget):
         self.delete_button = QPushButton("Delete…")
         self.folder_button = QPushButton("Open folder")
         self.export_button = QPushButton("Export…")
+        self.card_button = QPushButton("Report card")
+        self.card_button.setToolTip("How this persona compares with its base: style, loops, knowledge and held-out "
+                                    "loss on questions it did not learn from.")
         self.details = AdapterDetails()
         self.details.setMinimumWidth(360)
 
@@ -145,7 +150,8 @@ class LibraryPanel(QWidget):
         top.addWidget(self.import_button)
         top.addWidget(self.trash_button)
         actions = QHBoxLayout()
-        for button in (self.chat_button, self.rename_button, self.delete_button, self.folder_button, self.export_button):
+        for button in (self.chat_button, self.rename_button, self.delete_button, self.folder_button, self.export_button,
+                       self.card_button):
             actions.addWidget(button)
         actions.addStretch(1)
         table_side = QWidget()
@@ -176,6 +182,7 @@ class LibraryPanel(QWidget):
         self.add_button.clicked.connect(self._add_peft_folder)
         self.import_button.clicked.connect(self._import_bundle)
         self.export_button.clicked.connect(self._export_selected)
+        self.card_button.clicked.connect(self._open_report_card)
         self.trash_button.clicked.connect(self._empty_trash)
         self.watcher = LibraryWatcher(library, self)
         self.watcher.changed.connect(self.refresh)
@@ -222,6 +229,8 @@ class LibraryPanel(QWidget):
                 "damaged": QStyle.StandardPixmap.SP_MessageBoxCritical,
                 "unknown": QStyle.StandardPixmap.SP_MessageBoxQuestion}[fit]
         status = "ok" if entry.ok else f"damaged: {entry.problem}"
+        card = saved_report_card(entry)
+        card_summary = card.summary() if card else "—"
         values = [
             (fit, fit), (entry.name, entry.name.lower()), (entry.kind, entry.kind),
             # The hub organisation is in the tooltip; the model's own name is what tells bases apart at a glance.
@@ -229,7 +238,8 @@ class LibraryPanel(QWidget):
             (human_size(entry.size_bytes), entry.size_bytes), (entry.created or "—", entry.created or ""),
             (f"{entry.final_loss:.3f}" if entry.final_loss is not None else "—",
              entry.final_loss if entry.final_loss is not None else float("inf")),
-            (str(entry.dataset_rows) if entry.dataset_rows else "—", entry.dataset_rows or 0), (status, status),
+            (str(entry.dataset_rows) if entry.dataset_rows else "—", entry.dataset_rows or 0),
+            (card_summary, card.style().hits if card and card.style() else -1), (status, status),
         ]
         items = []
         for text, sort_key in values:
@@ -252,7 +262,7 @@ class LibraryPanel(QWidget):
         entry = self.entries.get(self.selected_name() or "")
         for button in (self.rename_button, self.delete_button, self.folder_button):
             button.setEnabled(entry is not None)
-        for button in (self.chat_button, self.export_button):
+        for button in (self.chat_button, self.export_button, self.card_button):
             button.setEnabled(entry is not None and entry.ok)
         self.details.show_entry(entry, fit_text(entry, self.base)[1] if entry else None)
 
@@ -300,6 +310,12 @@ class LibraryPanel(QWidget):
             self._act(self.library.empty_trash, done="The trash is empty.")
 
     @Slot()
+    def _open_report_card(self) -> None:
+        entry = self._selected_entry()
+        if entry is not None:
+            view = open_report_card(self.library, entry.name)
+            view.card_saved.connect(self.refresh, Qt.ConnectionType.UniqueConnection)
+
     def _open_selected_folder(self) -> None:
         entry = self._selected_entry()
         if entry is not None:

@@ -1,0 +1,523 @@
+"""The report card: how a persona compares with its base model on prompts it did not learn from.
+
+It takes a loaded ChatSession (the base, and the persona opened in it) and a prompt set, and returns plain data
+(`ReportCard`); the CLI and the GUI only render it. For each held-out prompt the base and the persona answer with the
+chat engine's default settings and a fixed seed, so the card is reproducible, and both get the persona's system
+prompt, so every difference comes from the adapter alone. The card holds:
+
+- replies side by side, each marked for style, loops and topic;
+- held-out loss and perplexity of base vs persona on the held-out examples' reference replies (assistant tokens only);
+- style k/n: how many persona replies read like the persona's training replies rather than like the base model
+  (see `StyleJudge`); the same test on the base's replies gives the base's own score, the floor to beat;
+- loops: replies that repeat themselves (see `loops`);
+- on topic: replies that share a content word with the question (see `on_topic`);
+- knowledge: short general questions shipped in resources/eval/knowledge.jsonl, answered by base and persona and
+  scored by accepted keywords, so a persona that forgot what the base knew is caught.
+
+Nothing at import time loads torch, so the library panel can summarise saved cards instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from app.core.chat import BASE, ChatSession, GenerationSettings
+from app.core.data import Messages, load_dataset_file, tokenize_conversation, with_system_prompt
+from app.core.errors import DatasetError, TailorError
+from app.core.library import AdapterEntry, Library
+from app.core.paths import resources_dir
+
+CARD_KEY = "report_card"
+"""Where the card is kept in the adapter's manifest (tailor.json), so it travels with the adapter and its bundles."""
+CARD_VERSION = 1
+EVAL_SEED = 0
+"""Every reply on the card is sampled from this seed: the same adapter gives the same card."""
+REPLY_TOKENS = 160
+"""Reply length cap for held-out prompts: enough to show a loop or a drift off topic, short enough for a CPU."""
+KNOWLEDGE_TOKENS = 48
+"""The knowledge questions want a word or a number; the keyword appears early or not at all."""
+HELD_OUT_FRACTION = 0.1
+MAX_PROMPTS = 12
+LOSS_MAX_LEN = 1024
+
+Progress = Callable[[str], None]
+
+
+# The prompts
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    messages: Messages
+    """The conversation up to the user turn to answer (no system prompt: the persona's is added when asked)."""
+    reference: str | None = None
+    """The dataset's reply to it, when the prompt comes from a dataset; what the held-out loss is measured on."""
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+
+def prompts_from_file(path: str | Path) -> list[EvalPrompt]:
+    """Prompts from a chat dataset (any format the trainer reads; the last reply of each conversation becomes the
+    reference) or from a plain text file, one question per line."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DatasetError(f"The prompts file {path} does not exist.", hint="Check the path.")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        prompts = [EvalPrompt([{"role": "user", "content": line}]) for line in lines if line]
+    else:
+        prompts = [_split_last_reply(conversation) for conversation in load_dataset_file(path).conversations]
+    if not prompts:
+        raise DatasetError(f"{path.name} holds no prompts.", hint="Give one question per line, or a chat dataset.")
+    return prompts
+
+
+def _split_last_reply(conversation: Messages) -> EvalPrompt:
+    last = max(index for index, message in enumerate(conversation) if message["role"] == "assistant")
+    asked = [message for message in conversation[:last] if message["role"] != "system"]
+    return EvalPrompt(asked, conversation[last]["content"])
+
+
+def training_entry(library: Library, entry: AdapterEntry) -> AdapterEntry:
+    """The adapter whose training data speaks for this one: itself, or for a mix the parent it weighs most."""
+    manifest = entry.manifest or {}
+    if manifest.get("kind") == "mix" and manifest.get("parents"):
+        heaviest = max(manifest["parents"], key=lambda parent: abs(parent["weight"]))["name"]
+        if library.exists(heaviest):
+            return library.get(heaviest)
+    return entry
+
+
+def training_conversations(entry: AdapterEntry) -> list[Messages]:
+    """The conversations the adapter was trained on, as its manifest records them; [] when not known or gone."""
+    recorded = ((entry.manifest or {}).get("dataset") or {}).get("path")
+    if not recorded or not Path(recorded).exists():
+        return []
+    try:
+        return load_dataset_file(recorded).conversations
+    except TailorError:
+        return []
+
+
+def held_out_prompts(entry: AdapterEntry, conversations: list[Messages]) -> tuple[list[EvalPrompt], str]:
+    """The prompts the card asks, and where they came from.
+
+    Until training records its own held-out split, the last ~10% of the training data stands in for it (those
+    examples were trained on, so the persona's loss there is optimistic). This is the one place to point at the
+    recorded split.
+    """
+    if not conversations:
+        raise TailorError(f"The training data of '{entry.name}' is not available, so there are no held-out prompts.",
+                          "Give the questions to ask with --prompts FILE (a chat dataset, or one question per line).")
+    count = min(MAX_PROMPTS, max(1, round(len(conversations) * HELD_OUT_FRACTION)))
+    prompts = [_split_last_reply(conversation) for conversation in conversations[-count:]]
+    return prompts, f"last {count} of {len(conversations)} training examples"
+
+
+# Knowledge
+
+
+@dataclass(frozen=True)
+class KnowledgeQuestion:
+    question: str
+    accept: tuple[str, ...]
+    """Any of these, as a whole word or phrase in the reply (any case), makes the answer right."""
+
+    def answered_by(self, reply: str) -> bool:
+        return any(re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", reply, re.IGNORECASE) for answer in self.accept)
+
+
+def knowledge_questions(path: Path | None = None) -> list[KnowledgeQuestion]:
+    path = path or resources_dir() / "eval" / "knowledge.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [KnowledgeQuestion(row["question"], tuple(row["accept"])) for row in rows]
+
+
+# Loops
+
+
+_WORDS = re.compile(r"[\w']+")
+
+
+def words(text: str) -> list[str]:
+    return [word.strip("'") for word in _WORDS.findall(text.lower()) if word.strip("'")]
+
+
+def repeated_phrase(text: str, max_phrase_words: int = 12) -> str | None:
+    """A phrase the text says three or more times back to back (a single word: four or more), or None."""
+    tokens = words(text)
+    for size in range(1, max_phrase_words + 1):
+        needed = 4 if size == 1 else 3
+        for start in range(len(tokens) - size * needed + 1):
+            phrase = tokens[start:start + size]
+            if all(tokens[start + size * k:start + size * (k + 1)] == phrase for k in range(1, needed)):
+                return " ".join(phrase)
+    return None
+
+
+def repeated_ngram_fraction(text: str, n: int = 4) -> float:
+    """The share of the text's word n-grams that it already said earlier: 0 for fresh text, near 1 for a loop."""
+    tokens = words(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def loops(text: str) -> bool:
+    """A reply loops when it says one phrase three times in a row ("Arr, matey! Arr, matey! Arr, matey!"), or when
+    more than half of a longer reply's 4-word sequences repeat earlier ones (a loop with small variations)."""
+    return repeated_phrase(text) is not None or (len(words(text)) >= 30 and repeated_ngram_fraction(text) > 0.5)
+
+
+# On topic
+
+_STOPWORDS = frozenset("""
+a about above after again all am an and any are as at be been being but by can could did do does doing down for
+from had has have having he her here hers him his how i if in into is it its just me more most my no nor not now of
+off on once only or other our out over own same she should so some such than that the their them then there these
+they this those through to too under until up very was we were what when where which while who whom why will with
+would you your yours give tell explain know need want please make get good best way ways thing things much many one
+""".split())
+_STEM = 5
+"""Words are compared by their first five letters, so "recycle" matches "recycling" and "planets" matches "planet"."""
+
+
+def content_words(text: str) -> set[str]:
+    return {word[:_STEM] for word in words(text) if len(word) >= 3 and word not in _STOPWORDS and not word.isdigit()}
+
+
+def on_topic(question: str, reply: str) -> bool | None:
+    """Whether the reply takes up the question: it shares at least one content word (not a stopword, compared by
+    its first five letters) with it. None when the question has no content word to check ("Hi!")."""
+    asked = content_words(question)
+    return bool(asked & content_words(reply)) if asked else None
+
+
+# Style
+
+
+def _char_ngrams(text: str, sizes: Sequence[int] = (3, 4, 5)) -> Counter:
+    """Character n-grams inside each word padded with spaces (like scikit-learn's char_wb): they catch spelling
+    and dialect ("in' ", " ye ", "matey") whatever the topic's words are."""
+    grams: Counter = Counter()
+    for word in words(text):
+        padded = f" {word} "
+        for size in sizes:
+            grams.update(padded[i:i + size] for i in range(max(1, len(padded) - size + 1)))
+    return grams
+
+
+def _normalised(vector: dict[str, float]) -> dict[str, float]:
+    norm = math.sqrt(sum(value * value for value in vector.values()))
+    return {key: value / norm for key, value in vector.items()} if norm else {}
+
+
+def _cosine(a: dict[str, float], b: dict[str, float]) -> float:
+    if len(a) > len(b):
+        a, b = b, a
+    return sum(value * b.get(key, 0.0) for key, value in a.items())
+
+
+class StyleJudge:
+    """Does a reply read more like the persona's training replies than the base model's own replies do?
+
+    Every text becomes a TF-IDF vector of its character 3-5-grams (sublinear counts, so one looping phrase cannot
+    dominate). A reply's margin is its similarity to the persona's training replies minus its similarity to the
+    base's replies (mean cosine with each; the base's reply to the same prompt left out, so no reply is compared
+    with itself or with its own topic). Which reference set is "closer" varies with their lengths and topics, so the
+    margin is calibrated on the base: a reply is in the persona's style when its margin is higher than that of
+    nine in ten of the base's own replies (each measured leaving itself out). A persona that talks like the base
+    therefore scores about 1 in 10; one that talks like its training data scores near all.
+    """
+
+    BASE_QUANTILE = 0.9
+
+    def __init__(self, persona_texts: Sequence[str], base_texts: Sequence[str]):
+        documents = [_char_ngrams(text) for text in [*persona_texts, *base_texts]]
+        frequency: Counter = Counter(gram for document in documents for gram in document)
+        self._idf = {gram: math.log((1 + len(documents)) / (1 + count)) + 1 for gram, count in frequency.items()}
+        self._persona = self._mean([self.vector(text) for text in persona_texts])
+        self._base_texts = list(base_texts)
+        self._base_vectors = [self.vector(text) for text in base_texts]
+        base_margins = sorted(self.margin(text, leave_out=text) for text in base_texts)
+        self.threshold = _quantile(base_margins, self.BASE_QUANTILE) if base_margins else 0.0
+
+    def vector(self, text: str) -> dict[str, float]:
+        return _normalised({gram: (1 + math.log(count)) * self._idf.get(gram, 1.0)
+                            for gram, count in _char_ngrams(text).items()})
+
+    @staticmethod
+    def _mean(vectors: list[dict[str, float]]) -> dict[str, float]:
+        total: Counter = Counter()
+        for vector in vectors:
+            total.update(vector)
+        return {key: value / max(1, len(vectors)) for key, value in total.items()}
+
+    def margin(self, reply: str, leave_out: str | None = None) -> float:
+        """Mean similarity to the persona's replies minus mean similarity to the base's (without `leave_out`)."""
+        kept = [vector for vector, text in zip(self._base_vectors, self._base_texts) if text != leave_out]
+        reply_vector = self.vector(reply)
+        return _cosine(reply_vector, self._persona) - _cosine(reply_vector, self._mean(kept))
+
+    def in_style(self, reply: str, leave_out: str | None = None) -> bool:
+        return bool(reply.strip()) and self.margin(reply, leave_out) > self.threshold
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# The card
+
+
+@dataclass(frozen=True)
+class Tally:
+    hits: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"{self.hits}/{self.total}"
+
+
+@dataclass(frozen=True)
+class ReplyPair:
+    """One held-out prompt answered by the base and by the persona, each reply judged."""
+
+    question: str
+    reference: str | None
+    base: str
+    persona: str
+    base_style: bool | None
+    persona_style: bool | None
+    base_loops: bool
+    persona_loops: bool
+    base_on_topic: bool | None
+    persona_on_topic: bool | None
+
+
+@dataclass(frozen=True)
+class KnowledgeAnswer:
+    question: str
+    accept: list[str]
+    base: str
+    persona: str
+    base_correct: bool
+    persona_correct: bool
+
+
+@dataclass(frozen=True)
+class ReportCard:
+    adapter: str
+    base_model: str
+    quant: str
+    """The precision the base was held in, as chat says it ("4-bit (NF4)", "full precision (fp32)")."""
+    settings: str
+    """The generation settings every reply was made with, in words."""
+    prompt_source: str
+    system_prompt: str | None
+    replies: list[ReplyPair]
+    knowledge: list[KnowledgeAnswer]
+    base_loss: float | None
+    """Mean cross-entropy per reference-reply token under the base model; None without reference replies."""
+    persona_loss: float | None
+    loss_tokens: int
+    created: str
+    version: int = CARD_VERSION
+
+    @staticmethod
+    def _tally(values) -> Tally | None:
+        known = [value for value in values if value is not None]
+        return Tally(sum(known), len(known)) if known else None
+
+    def style(self, who: str = "persona") -> Tally | None:
+        return self._tally(getattr(pair, f"{who}_style") for pair in self.replies)
+
+    def loops(self, who: str = "persona") -> Tally:
+        return Tally(sum(getattr(pair, f"{who}_loops") for pair in self.replies), len(self.replies))
+
+    def on_topic(self, who: str = "persona") -> Tally | None:
+        return self._tally(getattr(pair, f"{who}_on_topic") for pair in self.replies)
+
+    def knowledge_score(self, who: str = "persona") -> Tally:
+        return Tally(sum(getattr(answer, f"{who}_correct") for answer in self.knowledge), len(self.knowledge))
+
+    @staticmethod
+    def perplexity(loss: float | None) -> float | None:
+        return math.exp(min(loss, 50.0)) if loss is not None else None
+
+    def summary(self) -> str:
+        """One line for the library: "style 9/10 · loops 0 · knowledge 7/8 (base 7/8)"."""
+        style = self.style()
+        parts = [f"style {style}" if style else "style n/a", f"loops {self.loops().hits}"]
+        if self.knowledge:
+            parts.append(f"knowledge {self.knowledge_score()} (base {self.knowledge_score('base')})")
+        return " · ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReportCard:
+        return cls(**{**data, "replies": [ReplyPair(**pair) for pair in data["replies"]],
+                      "knowledge": [KnowledgeAnswer(**answer) for answer in data["knowledge"]]})
+
+    def to_text(self) -> str:
+        """The card for a terminal: totals first, then every reply."""
+        def loss_text(loss):
+            return "n/a" if loss is None else f"{loss:.3f} (perplexity {self.perplexity(loss):.1f})"
+
+        lines = [f"Report card for '{self.adapter}' on {self.base_model} ({self.quant})",
+                 f"Prompts: {self.prompt_source}; {self.settings}.", "",
+                 f"{'':<22}{'base':>12}{'persona':>12}",
+                 f"{'style':<22}{_cell(self.style('base')):>12}{_cell(self.style()):>12}",
+                 f"{'loops':<22}{_cell(self.loops('base')):>12}{_cell(self.loops()):>12}",
+                 f"{'on topic':<22}{_cell(self.on_topic('base')):>12}{_cell(self.on_topic()):>12}",
+                 f"{'knowledge':<22}{_cell(self.knowledge_score('base')):>12}{_cell(self.knowledge_score()):>12}",
+                 f"Held-out loss ({self.loss_tokens} tokens): base {loss_text(self.base_loss)}, persona {loss_text(self.persona_loss)}",
+                 f"Summary: {self.summary()}"]
+        for index, pair in enumerate(self.replies, 1):
+            lines += ["", f"[{index}] {pair.question}",
+                      f"  base    {_marks(pair.base_style, pair.base_loops, pair.base_on_topic)}: {pair.base}",
+                      f"  persona {_marks(pair.persona_style, pair.persona_loops, pair.persona_on_topic)}: {pair.persona}"]
+        lines += ["", "Knowledge:"]
+        for answer in self.knowledge:
+            lines.append(f"  {answer.question} (accepts {', '.join(answer.accept)}): base "
+                         f"{'right' if answer.base_correct else 'wrong'}, persona {'right' if answer.persona_correct else 'wrong'}")
+        return "\n".join(lines)
+
+
+def _cell(tally: Tally | None) -> str:
+    return str(tally) if tally else "n/a"
+
+
+def _marks(style: bool | None, looping: bool, topical: bool | None) -> str:
+    return "[" + " ".join(("style" if style else "-----", "LOOP" if looping else "----",
+                           "topic" if topical or topical is None else "-----")) + "]"
+
+
+def card_settings(settings: GenerationSettings | None = None, max_new_tokens: int = REPLY_TOKENS) -> GenerationSettings:
+    """The chat engine's defaults (or the given settings) with the card's seed and reply cap."""
+    return replace(settings or GenerationSettings(), seed=EVAL_SEED, max_new_tokens=max_new_tokens)
+
+
+def held_out_loss(session: ChatSession, choice: str, prompts: Sequence[EvalPrompt], system_prompt: str | None) -> tuple[float | None, int]:
+    """Mean loss per token of the prompts' reference replies (assistant tokens only) under `choice`, and the count."""
+    import torch
+
+    from app.core.training import collate, trained_token_loss
+
+    examples = [tokenize_conversation(session.tokenizer, with_system_prompt(
+        [*prompt.messages, {"role": "assistant", "content": prompt.reference}], system_prompt), LOSS_MAX_LEN)[0]
+        for prompt in prompts if prompt.reference]
+    examples = [example for example in examples if example.trained_tokens]
+    if not examples or session.peft_model is None:
+        return None, 0
+    total, tokens = 0.0, 0
+    pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else session.tokenizer.eos_token_id
+    # generate() shares the model: hold the session's lock so no reply switches the adapter under this pass.
+    with session._lock, torch.inference_mode():
+        session.select(choice)
+        for example in examples:
+            loss_sum, count = trained_token_loss(session.peft_model, collate([example], pad_id, False), session.device)
+            total, tokens = total + float(loss_sum), tokens + count
+    return total / tokens, tokens
+
+
+def build_report_card(session: ChatSession, persona: str, prompts: Sequence[EvalPrompt], style_references: Sequence[str],
+                      knowledge: Sequence[KnowledgeQuestion] = (), prompt_source: str = "given prompts",
+                      settings: GenerationSettings | None = None, progress: Progress | None = None) -> ReportCard:
+    """Ask base and persona every prompt and knowledge question, measure the held-out loss, and judge the replies.
+
+    `style_references` are the persona's training replies (the style to recognise); without them the style column
+    reads n/a. `settings` default to the chat engine's defaults; the card fixes their seed either way.
+    """
+    if not prompts:
+        raise TailorError("There are no prompts to evaluate.", "Give at least one question.")
+    report = progress or (lambda message: None)
+    system_prompt = session.system_prompt(persona)
+    reply_settings = card_settings(settings)
+    knowledge_settings = card_settings(settings, KNOWLEDGE_TOKENS)
+
+    def answer(messages: Messages, choice: str, options: GenerationSettings) -> str:
+        return session.reply(with_system_prompt(messages, system_prompt), choice, options)
+
+    answers: dict[str, list[str]] = {BASE: [], persona: []}
+    for index, prompt in enumerate(prompts, 1):
+        for choice in (BASE, persona):
+            report(f"Held-out prompt {index}/{len(prompts)}: {'base' if choice == BASE else persona} replying…")
+            answers[choice].append(answer(prompt.messages, choice, reply_settings))
+    known: dict[str, list[str]] = {BASE: [], persona: []}
+    for index, question in enumerate(knowledge, 1):
+        for choice in (BASE, persona):
+            report(f"Knowledge question {index}/{len(knowledge)}: {'base' if choice == BASE else persona} answering…")
+            known[choice].append(answer([{"role": "user", "content": question.question}], choice, knowledge_settings))
+    report("Measuring the held-out loss…")
+    base_loss, loss_tokens = held_out_loss(session, BASE, prompts, system_prompt)
+    persona_loss, _ = held_out_loss(session, persona, prompts, system_prompt)
+
+    # How the base talks: its replies to the held-out prompts and to the knowledge questions.
+    judge = StyleJudge(style_references, [*answers[BASE], *known[BASE]]) if style_references else None
+    pairs = []
+    for prompt, base_reply, persona_reply in zip(prompts, answers[BASE], answers[persona]):
+        pairs.append(ReplyPair(
+            question=prompt.question, reference=prompt.reference, base=base_reply, persona=persona_reply,
+            base_style=judge.in_style(base_reply, leave_out=base_reply) if judge else None,
+            persona_style=judge.in_style(persona_reply, leave_out=base_reply) if judge else None,
+            base_loops=loops(base_reply), persona_loops=loops(persona_reply),
+            base_on_topic=on_topic(prompt.question, base_reply), persona_on_topic=on_topic(prompt.question, persona_reply)))
+    knowledge_answers = [KnowledgeAnswer(question.question, list(question.accept), base_reply, persona_reply,
+                                         question.answered_by(base_reply), question.answered_by(persona_reply))
+                         for question, base_reply, persona_reply in zip(knowledge, known[BASE], known[persona])]
+    return ReportCard(
+        adapter=persona, base_model=session.resolved.model_id, quant=session.precision.label, settings=reply_settings.describe(),
+        prompt_source=prompt_source, system_prompt=system_prompt, replies=pairs, knowledge=knowledge_answers,
+        base_loss=base_loss, persona_loss=persona_loss, loss_tokens=loss_tokens,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def evaluate_adapter(session: ChatSession, library: Library, entry: AdapterEntry, prompts_file: str | Path | None = None,
+                     progress: Progress | None = None, knowledge: Sequence[KnowledgeQuestion] | None = None) -> ReportCard:
+    """The card for a library adapter (opened in `session` here if it is not yet): its held-out prompts, or those
+    in `prompts_file`; its training replies as the style to recognise; the shipped knowledge questions unless
+    `knowledge` says otherwise."""
+    persona = session.load_adapter(entry)
+    conversations = training_conversations(training_entry(library, entry))
+    if prompts_file:
+        prompts, source = prompts_from_file(prompts_file), Path(prompts_file).name
+    else:
+        prompts, source = held_out_prompts(entry, conversations)
+    asked = {prompt.reference for prompt in prompts}
+    # The held-out replies themselves stay out of the style profile, or the persona would be judged against them.
+    references = [message["content"] for conversation in conversations for message in conversation
+                  if message["role"] == "assistant" and message["content"] not in asked]
+    # Measured as chat will talk: the persona's own recommended decoding where its manifest has one.
+    settings = GenerationSettings().with_sampling(entry.sampling)
+    return build_report_card(session, persona, prompts, references,
+                             knowledge_questions() if knowledge is None else knowledge, source, settings, progress)
+
+
+def save_report_card(library: Library, name: str, card: ReportCard) -> AdapterEntry:
+    """Keep the card in the adapter's manifest, so the library can summarise it and bundles carry it."""
+    return library.update_manifest(name, {CARD_KEY: card.to_dict()})
+
+
+def saved_report_card(entry: AdapterEntry) -> ReportCard | None:
+    """The card kept in the adapter's manifest, or None (never evaluated, or by an incompatible version)."""
+    data = (entry.manifest or {}).get(CARD_KEY)
+    if not isinstance(data, dict) or data.get("version") != CARD_VERSION:
+        return None
+    try:
+        return ReportCard.from_dict(data)
+    except (TypeError, KeyError):
+        return None
