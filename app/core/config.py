@@ -18,6 +18,7 @@ from app.core.errors import TailorError
 QUANT_CHOICES = ("4bit", "8bit", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 KEEP_CHOICES = ("best", "last")
+METHODS = ("lora", "adalora")
 DATA_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "text", "prompt_response", "hf_disk")
 ALL_LINEAR = "all-linear"
 
@@ -68,6 +69,22 @@ class LoraSettings:
     """DoRA: learn a magnitude per output channel besides the direction; often better at low rank, slower."""
     use_rslora: bool = False
     """rsLoRA: scale by alpha / sqrt(rank), which keeps high ranks learning as fast as low ones."""
+    method: str = "lora"
+    """'lora': every adapted layer gets the same rank. 'adalora' (AdaLoRA): every layer starts at init_r and, while
+    training, the least useful ranks are pruned until the layers average target_r, so the budget goes where the
+    persona needs it; `rank` is then unused."""
+    init_r: int = 24
+    """AdaLoRA: the rank every adapted layer starts with, before pruning."""
+    target_r: int = 16
+    """AdaLoRA: the average rank per adapted layer left after pruning (the final parameter budget); individual layers
+    end above or below it."""
+    tinit: float = 0.1
+    """AdaLoRA: share of the planned steps trained at init_r before pruning starts, so the importance scores that
+    decide what to prune have something to go on."""
+    tfinal: float = 0.2
+    """AdaLoRA: share of the planned steps at the end trained with the final ranks fixed (no more pruning)."""
+    deltaT: int = 1
+    """AdaLoRA: optimizer steps between two reallocations of the rank budget during the pruning phase."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.rank, int) and 1 <= self.rank <= 1024, f"LoRA rank must be 1-1024, not {self.rank}.")
@@ -75,6 +92,17 @@ class LoraSettings:
         _require(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), not {self.dropout}.")
         _require(len(self.target_modules) > 0, "Pick at least one target module (or 'all-linear').")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _require(self.method in METHODS, f"The adapter method must be one of {', '.join(METHODS)}, not '{self.method}'.")
+        _require(isinstance(self.init_r, int) and 1 <= self.init_r <= 1024, f"AdaLoRA init_r must be 1-1024, not {self.init_r}.")
+        _require(isinstance(self.target_r, int) and 1 <= self.target_r <= self.init_r,
+                 f"AdaLoRA target_r must be between 1 and init_r ({self.init_r}), not {self.target_r}.")
+        _require(0 <= self.tinit < 1 and 0 <= self.tfinal < 1 and self.tinit + self.tfinal < 1,
+                 f"AdaLoRA tinit and tfinal are shares of the planned steps: each in [0, 1) and together below 1 "
+                 f"(leaving steps to prune in), not {self.tinit} and {self.tfinal}.")
+        _require(isinstance(self.deltaT, int) and self.deltaT >= 1, f"AdaLoRA deltaT must be at least 1 step, not {self.deltaT}.")
+        if self.method == "adalora":
+            _require(not self.use_dora, "AdaLoRA cannot be combined with DoRA; pick one of them.")
+            _require(not self.use_rslora, "AdaLoRA scales by alpha / init_r itself; turn rsLoRA off to use it.")
 
     def peft_target_modules(self) -> str | list[str]:
         return ALL_LINEAR if ALL_LINEAR in self.target_modules else list(self.target_modules)
