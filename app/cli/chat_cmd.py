@@ -3,9 +3,15 @@ personas, replies one after another under clear labels."""
 
 from __future__ import annotations
 
-from app.core.chat import BASE, ChatSession, GenerationSettings, base_for
+from dataclasses import replace
+
+from app.core.chat import BASE, CHAT_PRECISIONS, ChatSession, GenerationSettings, base_for
 from app.core.errors import TailorError
 from app.core.library import AdapterEntry, Library
+
+# The flags that override a persona's recommended decoding, by GenerationSettings field.
+SAMPLING_FLAGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                  "repetition_penalty": "repetition_penalty"}
 
 
 def register(subparsers, common) -> None:
@@ -28,15 +34,26 @@ def register(subparsers, common) -> None:
 
 
 def add_generation_options(parser, default_seed: int | None) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.9)
+    defaults = GenerationSettings()
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float,
+                        help=f"randomness of the reply; 0 is greedy, the same reply every time (default: the "
+                             f"persona's recommended setting, else {defaults.temperature:g})")
+    parser.add_argument("--top-p", type=float, help=f"sample among the likeliest tokens adding up to this probability "
+                                                     f"(default: the persona's, else {defaults.top_p:g})")
+    parser.add_argument("--top-k", type=int, help=f"sample among this many likeliest tokens, 0 for no limit "
+                                                   f"(default: the persona's, else {defaults.top_k})")
+    parser.add_argument("--repetition-penalty", type=float,
+                        help=f"discourage tokens used in the last {defaults.repetition_window}, 1 for off "
+                             f"(default: the persona's, else {defaults.repetition_penalty:g})")
     parser.add_argument("--seed", type=int, default=default_seed, help="fix the sampling for repeatable replies")
 
 
 def add_base_options(parser) -> None:
     parser.add_argument("--base", help="base model (default: the one the adapters were made on, or the bundled one)")
-    parser.add_argument("--quant", choices=("4bit", "8bit", "none"), help="how to load the base (default: as trained)")
+    parser.add_argument("--quant", choices=CHAT_PRECISIONS, default="auto",
+                        help="how to hold the base in memory: 'auto' (default) keeps it unquantised when it fits "
+                             "comfortably in free memory and uses 4-bit only when it must")
 
 
 def open_session(library: Library, names: list[str], base: str | None, quant: str | None) -> tuple[ChatSession, list[AdapterEntry]]:
@@ -46,6 +63,7 @@ def open_session(library: Library, names: list[str], base: str | None, quant: st
     base, quant = base_for(entries, base, quant)
     # Progress goes to stderr so that stdout carries only the replies (scripts pipe them).
     session = ChatSession(base, quant, progress=lambda message: errors.print(f"[dim]{message}[/]"))
+    errors.print(f"[dim]Precision: {session.precision.describe()}[/]", highlight=False, soft_wrap=True)
     for entry in entries:
         session.load_adapter(entry)
     return session, entries
@@ -61,17 +79,20 @@ def parse_choices(text: str) -> list[str]:
     return choices
 
 
-def settings_from(args) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
-                              top_p=args.top_p, seed=args.seed)
+def settings_from(args, recommended: dict | None = None) -> GenerationSettings:
+    """The defaults, then the persona's recommended decoding (its manifest's "sampling"), then the flags given."""
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed).with_sampling(recommended)
+    given = {field: getattr(args, flag) for flag, field in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+    return replace(settings, **given)
 
 
 def run(args) -> int:
-    from app.cli.common import console, open_library
+    from app.cli.common import console, errors, open_library
 
     session, entries = open_session(open_library(args), [args.adapter], args.base, args.quant)
     system_prompt = args.system if args.system is not None else (entries[0].system_prompt if entries else None)
-    settings = settings_from(args)
+    settings = settings_from(args, entries[0].sampling if entries else None)
+    errors.print(f"[dim]Decoding: {settings.describe()}[/]", highlight=False, soft_wrap=True)
     if args.prompt is not None:
         messages = session.prompt_messages([{"role": "user", "content": args.prompt}], system_prompt)
         print(session.reply(messages, args.adapter if entries else BASE, settings))
@@ -93,9 +114,12 @@ def run(args) -> int:
         if not text:
             continue
         history.append({"role": "user", "content": text})
+        fitted = session.fit_to_context(session.prompt_messages(history, system_prompt), settings)
+        if fitted.note:
+            console.print(f"[yellow]({fitted.note})[/]", highlight=False)
         console.print(f"[bold magenta]{args.adapter}>[/] ", end="")
         pieces = []
-        for piece in session.stream(session.prompt_messages(history, system_prompt), args.adapter if entries else BASE, settings):
+        for piece in session.stream(fitted.messages, args.adapter if entries else BASE, settings):
             pieces.append(piece)
             console.print(piece, end="", markup=False, highlight=False)
         console.print()

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from app.core.data import with_system_prompt
 from app.core.errors import AdapterError, TailorError
 from app.core.library import AdapterEntry, BaseProfile, adapter_fit
 from app.core.mixing import MixSpec, combine, mix_problem
 from app.core.models import Progress, ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
+from app.core.templates import place_system_prompt, render
 
 BASE = "base"
 BASE_LABEL = "Base (no adapter)"
@@ -32,27 +34,114 @@ BASE_LABEL = "Base (no adapter)"
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """How a reply is decoded. The defaults are those of the local-LLM apps people already use (llama.cpp, Ollama,
+    LM Studio): sampling at temperature 0.7 among the top-40 tokens within top-p 0.9, and a 1.1 penalty on tokens
+    used in the last 64. Greedy decoding of a small model tends to fall into loops ("Arr, matey! Arr, matey! ...");
+    sampling plus a penalty on recent repeats keeps it talking."""
+
     max_new_tokens: int = 256
     """Upper bound on the reply length in tokens."""
-    temperature: float = 0.0
+    temperature: float = 0.7
     """0 means greedy (the same reply every time); higher values give more varied replies."""
     top_p: float = 0.9
     """Sample only from the most likely tokens whose probabilities add up to this (ignored when greedy)."""
+    top_k: int = 40
+    """Sample only from this many most likely tokens; 0 means no limit (ignored when greedy)."""
+    repetition_penalty: float = 1.1
+    """Divides the score of every token used in the last `repetition_window` tokens (prompt and reply); 1 is off.
+    Applies to greedy decoding too, where loops are most likely."""
+    repetition_window: int = 64
+    """How many of the most recent tokens the repetition penalty looks at (llama.cpp's repeat_last_n)."""
     seed: int | None = None
-    """Fixes sampling, so compare mode gives every column the same random draws."""
+    """Fixes sampling, so a sampled reply can be repeated and compare mode gives every column the same draws."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise TailorError(f"Max new tokens must be at least 1, not {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise TailorError(f"Temperature must be 0 (greedy) or more, not {self.temperature}.")
+        if not 0 <= self.temperature <= 5:
+            raise TailorError(f"Temperature must be 0 (greedy) or more, up to 5, not {self.temperature:g}.")
         if not 0 < self.top_p <= 1:
-            raise TailorError(f"Top-p must be in (0, 1], not {self.top_p}.")
+            raise TailorError(f"Top-p must be more than 0 and at most 1, not {self.top_p:g}.")
+        if self.top_k < 0:
+            raise TailorError(f"Top-k must be 0 (no limit) or more, not {self.top_k}.")
+        if not 1 <= self.repetition_penalty <= 3:
+            raise TailorError(f"Repetition penalty must be between 1 (off) and 3, not {self.repetition_penalty:g}.",
+                              "1.1 is the usual value; higher values start to garble replies.")
+        if self.repetition_window < 1:
+            raise TailorError(f"The repetition window must be at least 1 token, not {self.repetition_window}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def sampling(self) -> dict[str, float | int]:
+        """The decoding choices a persona can recommend (its manifest's "sampling"), without length or seed."""
+        return {name: getattr(self, name) for name in SAMPLING_KEYS}
+
+    def with_sampling(self, recorded: dict[str, Any] | None) -> GenerationSettings:
+        """These settings with a persona's recommended ones (a manifest's "sampling") in place; unknown keys and
+        values out of range are ignored, so a hand-edited or newer manifest never stops the chat."""
+        settings = self
+        for name, value in (recorded or {}).items():
+            if name in SAMPLING_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                try:
+                    settings = GenerationSettings(**{**asdict(settings), name: type(getattr(self, name))(value)})
+                except TailorError:
+                    continue
+        return settings
 
     def describe(self) -> str:
-        if self.temperature > 0:
-            return f"temperature {self.temperature:g}, top-p {self.top_p:g}, seed {self.seed}, up to {self.max_new_tokens} new tokens"
-        return f"greedy (no randomness), up to {self.max_new_tokens} new tokens"
+        penalty = (f"repetition penalty {self.repetition_penalty:g} over the last {self.repetition_window} tokens"
+                   if self.repetition_penalty > 1 else "no repetition penalty")
+        if self.greedy:
+            return f"greedy (no randomness), {penalty}, up to {self.max_new_tokens} new tokens"
+        seed = "random" if self.seed is None else self.seed
+        return (f"temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {self.top_k or 'off'}, {penalty}, "
+                f"seed {seed}, up to {self.max_new_tokens} new tokens")
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+"""GenerationSettings fields a persona's manifest may recommend under "sampling"."""
+
+
+def _logits_processors(settings: GenerationSettings) -> list:
+    """transformers' repetition penalty, but over the recent tokens only.
+
+    transformers' RepetitionPenaltyLogitsProcessor penalises every token of the whole input: the chat template's
+    markup, the persona's system prompt and every earlier turn. In a persona chat that pushes the model away from
+    the persona's own words (the "Arr" and "matey" the system prompt and the last reply used) and, as the
+    conversation grows, from ever more of the common words, so grammar suffers. Loops are local; penalising the
+    last `repetition_window` tokens (what llama.cpp's repeat_last_n does) stops them without those side effects.
+    """
+    if settings.repetition_penalty == 1:
+        return []
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    window = settings.repetition_window
+
+    class RecentRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return super().__call__(input_ids[:, -window:], scores)
+
+    return [RecentRepetitionPenalty(settings.repetition_penalty)]
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    """A conversation cut to what the model can read, and what was left out."""
+
+    messages: list[dict[str, str]]
+    dropped: int
+    """How many of the oldest messages (after the system prompt) were left out."""
+    context_length: int
+
+    @property
+    def note(self) -> str | None:
+        if not self.dropped:
+            return None
+        return (f"This conversation is longer than the model can read at once ({self.context_length} tokens): the "
+                f"oldest {self.dropped} message{'s' if self.dropped != 1 else ''} "
+                f"{'are' if self.dropped != 1 else 'is'} left out of what it sees now; the system prompt is kept.")
 
 
 class StopFlag(Protocol):
@@ -99,22 +188,84 @@ def _cpu_packing_kept(model) -> Iterator[None]:
 
 def base_for(entries: list[AdapterEntry], base: str | None, quant: str | None) -> tuple[str, str]:
     """The base to load for these adapters: the one asked for, else the one they were made on (as the user named
-    it then, from the first adapter that says), else the bundled model; likewise the precision, 4-bit by default."""
-    made_with_base, made_with_quant = next((entry.trained_with for entry in entries if entry.manifest), (None, None))
-    return base or made_with_base or "default", quant or made_with_quant or "4bit"
+    it then, from the first adapter that says), else the bundled model; the precision asked for, else 'auto' (a
+    LoRA adapter trained on the 4-bit base works, and usually better, on the unquantised one)."""
+    made_with_base, _ = next((entry.trained_with for entry in entries if entry.manifest), (None, None))
+    return base or made_with_base or "default", quant or "auto"
+
+
+CHAT_PRECISIONS = ("auto", "4bit", "8bit", "none")
+COMFORTABLE_SHARE = 0.5
+"""'auto' holds the base unquantised only if its weights take at most this share of the free memory; the rest is
+room for the KV cache, the activations, the adapters and whatever else the computer is running."""
+_DTYPE_LABELS = {"bfloat16": "16-bit (bf16)", "float16": "16-bit (fp16)", "float32": "full precision (fp32)"}
+
+
+@dataclass(frozen=True)
+class ChatPrecision:
+    """How chat holds the base model in memory, and why."""
+
+    quant: str
+    """'4bit', '8bit' or 'none' (unquantised, in `dtype`)."""
+    dtype: str | None
+    """The torch dtype name an unquantised base is held in ('bfloat16', 'float16' or 'float32'); None for a
+    quantised one, whose compute dtype app.core.precision picks."""
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return {"4bit": "4-bit (NF4)", "8bit": "8-bit"}.get(self.quant) or _DTYPE_LABELS[self.dtype]
+
+    def describe(self) -> str:
+        return f"{self.label}: {self.reason}"
+
+
+def generation_dtype(device: str) -> tuple[str, str]:
+    """(torch dtype name, why) chat computes in on `device`: app.core.precision's choice for generation (bf16 or
+    fp16 on a GPU; fp32 on a CPU, where one-token-at-a-time decoding measured faster in fp32 even with AMX, for
+    the 4-bit base in bench/cpu_compute_dtype.py and the unquantised one in bench/chat_precision.py)."""
+    from app.core.precision import GENERATION, compute_dtype
+
+    precision = compute_dtype(device, GENERATION)
+    return str(precision.dtype).removeprefix("torch."), precision.reason
+
+
+def choose_precision(requested: str, weight_count: int, device: str, free_bytes: int) -> ChatPrecision:
+    """The precision to chat in: what the user picked, or for 'auto' the base unquantised when it fits comfortably
+    in free memory (it answers better: a 4-bit 135M model loses much of its quality) and 4-bit only when it must."""
+    if requested not in CHAT_PRECISIONS:
+        raise TailorError(f"Unknown chat precision '{requested}'.", f"Use one of: {', '.join(CHAT_PRECISIONS)}.")
+    dtype, why = generation_dtype(device)
+    if requested != "auto":
+        return ChatPrecision(requested, dtype if requested == "none" else None, "as chosen")
+    needed = weight_count * (4 if dtype == "float32" else 2)
+    where = "GPU memory" if device.startswith("cuda") else "RAM"
+    amounts = f"{needed / 1e9:.2f} GB of weights, {free_bytes / 1e9:.1f} GB of {where} free"
+    if needed <= COMFORTABLE_SHARE * free_bytes:
+        return ChatPrecision("none", dtype, f"chosen automatically, it fits comfortably ({amounts}); {why}")
+    return ChatPrecision("4bit", None, f"chosen automatically, the full model would not fit comfortably ({amounts})")
 
 
 class ChatSession:
-    def __init__(self, base: str = "default", quant: str = "4bit", device: str | None = None,
+    def __init__(self, base: str = "default", quant: str = "auto", device: str | None = None,
                  progress: Progress | None = None, trust_remote_code: bool = False):
+        import torch
+
+        from app.core.gpu import free_memory_bytes
+
         self.resolved: ResolvedBase = resolve_base(base, progress)
-        self.quant = quant
         self.device = device or pick_device()
         self.profile = BaseProfile.from_folder(self.resolved.folder, self.resolved.model_id)
+        weight_count = sum(math.prod(shape) for shape in self.profile.weight_shapes.values())
+        self.precision = choose_precision(quant, weight_count, self.device, free_memory_bytes(self.device))
+        self.quant = self.precision.quant
         self.tokenizer = load_tokenizer(self.resolved.folder, trust_remote_code)
+        self.context_length = self._context_length()
+        """The most tokens the model reads at once: prompt and reply together."""
         if progress:
-            progress(f"Loading {self.resolved.model_id} ({quant}) on {self.device.upper()}…")
-        self.base_model = load_model(self.resolved.folder, quant, self.device, trust_remote_code)
+            progress(f"Loading {self.resolved.model_id} on {self.device.upper()} in {self.precision.describe()}…")
+        self.base_model = load_model(self.resolved.folder, self.quant, self.device, trust_remote_code,
+                                     dtype=getattr(torch, generation_dtype(self.device)[0]))
         self.base_model.config.use_cache = True
         self.base_model.eval()
         self._warm_up()
@@ -233,6 +384,33 @@ class ChatSession:
     def prompt_messages(history: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
         return with_system_prompt(history, system_prompt)
 
+    def fit_to_context(self, messages: list[dict[str, str]], settings: GenerationSettings = GenerationSettings()) -> FittedPrompt:
+        """The conversation cut to what the model reads at once, room for the reply included: the oldest exchanges
+        go first, the system prompt and the newest message stay. Raises only when the newest message alone is too
+        long, since cutting it would answer a question the user did not ask."""
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        budget = self.context_length - min(settings.max_new_tokens, self.context_length // 2)
+        dropped = 0
+        while True:
+            kept = system + turns[dropped:]
+            length = self.prompt_length(kept)
+            if length <= budget:
+                return FittedPrompt(kept, dropped, self.context_length)
+            if dropped >= len(turns) - 1:
+                raise TailorError(f"This message is too long for {self.resolved.model_id}: with the system prompt it "
+                                  f"is {length} tokens, and the model reads at most {self.context_length}, the reply "
+                                  "included.", "Shorten the message, or lower Max new tokens.")
+            dropped += 1
+            # Start what is kept with a user turn: most templates need user and assistant to alternate from there.
+            while dropped < len(turns) - 1 and turns[dropped]["role"] != "user":
+                dropped += 1
+
+    def prompt_length(self, messages: list[dict[str, str]]) -> int:
+        """Tokens the model reads for this conversation, the generation prompt included."""
+        return len(render(self.tokenizer, place_system_prompt(self.tokenizer, messages), add_generation_prompt=True,
+                          tokenize=True, return_dict=True)["input_ids"])
+
     def select(self, choice: str) -> None:
         """Make `choice` (an open adapter, a mix, or BASE) the one the next forward pass uses."""
         with self._lock:
@@ -248,7 +426,7 @@ class ChatSession:
                stop: StopFlag | None = None) -> Iterator[str]:
         """Yield the reply piece by piece as it is generated; setting `stop` ends it early."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         abandoned = threading.Event()
 
@@ -258,16 +436,20 @@ class ChatSession:
 
         if adapter != BASE:
             self.adapter_key(adapter)  # an unknown persona fails here, in the caller's thread, not in generate()
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True).to(self.device)
+        fitted = self.fit_to_context(messages, settings)
+        inputs = render(self.tokenizer, place_system_prompt(self.tokenizer, fitted.messages), add_generation_prompt=True,
+                        return_tensors="pt", return_dict=True).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = settings.temperature > 0
-        options = dict(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=sampling, streamer=streamer,
-                       stopping_criteria=StoppingCriteriaList([_StopFlag()]), pad_token_id=self.tokenizer.pad_token_id)
-        if sampling:
-            options.update(temperature=settings.temperature, top_p=settings.top_p)
-        else:
+        room = self.context_length - inputs["input_ids"].shape[1]
+        options = dict(**inputs, max_new_tokens=min(settings.max_new_tokens, room), do_sample=not settings.greedy,
+                       streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag()]),
+                       logits_processor=LogitsProcessorList(_logits_processors(settings)),
+                       repetition_penalty=1.0,  # transformers' own whole-prompt penalty stays off (see above)
+                       pad_token_id=self.tokenizer.pad_token_id)
+        if settings.greedy:
             options.update(temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -311,6 +493,15 @@ class ChatSession:
 
         with torch.inference_mode():
             self.base_model(input_ids=torch.tensor([[self.tokenizer.eos_token_id]], device=self.device))
+
+    def _context_length(self) -> int:
+        """The model's trained context (config's max_position_embeddings), else the tokenizer's limit, else 2048."""
+        config = self.resolved.config()
+        text_config = config.get("text_config") or config
+        for limit in (text_config.get("max_position_embeddings"), getattr(self.tokenizer, "model_max_length", None)):
+            if isinstance(limit, int) and 0 < limit < 10_000_000:
+                return limit
+        return 2048
 
     def _new_key(self) -> str:
         return f"persona_{next(self._key_counter)}"

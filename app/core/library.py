@@ -57,6 +57,13 @@ class AdapterEntry:
         return (self.manifest or {}).get("system_prompt")
 
     @property
+    def sampling(self) -> dict[str, Any] | None:
+        """The decoding the persona recommends for chat ({"temperature": 0.7, "top_k": 40, ...}), if it says;
+        app.core.chat.GenerationSettings.with_sampling reads it."""
+        sampling = (self.manifest or {}).get("sampling")
+        return sampling if isinstance(sampling, dict) else None
+
+    @property
     def base_fingerprint(self) -> str | None:
         return ((self.manifest or {}).get("base_model") or {}).get("fingerprint")
 

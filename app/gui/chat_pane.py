@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.chat import BASE, BASE_LABEL, ChatSession, GenerationSettings, save_conversation
+from app.core.chat import BASE, BASE_LABEL, CHAT_PRECISIONS, ChatSession, GenerationSettings, save_conversation
 from app.core.errors import TailorError
 from app.core.library import Library
 from app.core.mixing import MixSpec
@@ -49,6 +49,8 @@ class Turn:
     role: str
     content: str
     state: str = DONE
+    note: str = ""
+    """Shown above a reply: which older messages the model could not read along with it."""
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Pending:
     column: QTextBrowser | None = None
 
 
+def default_sampling() -> dict[str, float | int]:
+    return GenerationSettings().sampling()
+
+
 @dataclass
 class Persona:
     label: str
@@ -67,6 +73,12 @@ class Persona:
     turns: list[Turn] = field(default_factory=list)
     problem: str | None = None
     is_preview: bool = False
+    recommended: dict[str, float | int] = field(default_factory=default_sampling)
+    """The decoding its manifest recommends ("sampling"), or Tailor's defaults."""
+    recommended_by_persona: bool = False
+    """Whether `recommended` came from the persona's manifest rather than Tailor's defaults."""
+    sampling: dict[str, float | int] = field(default_factory=default_sampling)
+    """The decoding used for it now: the recommended one until the user changes a control."""
 
 
 def history(turns: list[Turn]) -> list[dict[str, str]]:
@@ -87,6 +99,8 @@ def render_turns(turns: list[Turn], persona_label: str | None) -> str:
             body += f" <span style='color:{MUTED}'>(stopped)</span>"
         elif turn.state == FAILED:
             body = f"<span style='color:{BAD}'>{body}</span>"
+        if turn.note:
+            body = f"<span style='color:{MUTED}'><i>({html.escape(turn.note)})</i></span><br>{body}"
         header = f"<b style='color:{colour}'>{html.escape(speaker)}</b><br>" if speaker else ""
         blocks.append(f"<p style='margin-bottom:10px'>{header}{body}</p>")
     return "".join(blocks)
@@ -141,7 +155,7 @@ class ChatPane(QWidget):
 
     # Building
 
-    def _build_settings_row(self) -> QHBoxLayout:
+    def _build_settings_row(self) -> QVBoxLayout:
         self.base_combo = QComboBox(editable=True)
         self.base_combo.addItems([AUTO_BASE, "default"])
         self.base_combo.setToolTip("'auto': the base the first opened persona was trained on (the bundled SmolLM2 if "
@@ -149,30 +163,62 @@ class ChatPane(QWidget):
                                    "file or hub id. Every persona runs on this one loaded base.")
         self.base_combo.setMinimumWidth(150)
         self.quant_combo = QComboBox()
-        self.quant_combo.addItems(["4bit", "8bit", "none"])
-        self.quant_combo.setToolTip("How the base is held in memory: 4-bit NF4 is smallest; adapters work on all three.")
-        self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=0.0, decimals=2)
+        self.quant_combo.addItems(list(CHAT_PRECISIONS))
+        self.quant_combo.setToolTip("How the base is held in memory. 'auto' keeps it unquantised (better replies) when "
+                                    "it fits comfortably in free memory and uses 4-bit NF4 only when it must; "
+                                    "adapters work on all of them.")
+        self.precision_note = QLabel("Chosen when the model loads.")
+        self.precision_note.setObjectName("muted")
+        self.precision_note.setWordWrap(True)
+        defaults = GenerationSettings()
+        self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=defaults.temperature, decimals=2)
         self.temperature.setToolTip("0 is greedy: the same reply every time. Higher is more varied.")
-        self.top_p = QDoubleSpinBox(minimum=0.05, maximum=1.0, singleStep=0.05, value=0.9, decimals=2)
+        self.top_p = QDoubleSpinBox(minimum=0.05, maximum=1.0, singleStep=0.05, value=defaults.top_p, decimals=2)
         self.top_p.setToolTip("Sample only among the most likely tokens adding up to this probability.")
-        self.max_tokens = QSpinBox(minimum=1, maximum=4096, value=256)
+        self.top_k = QSpinBox(minimum=0, maximum=1000, value=defaults.top_k, specialValueText="off")
+        self.top_k.setToolTip("Sample only among this many most likely tokens (off: no limit).")
+        self.repetition_penalty = QDoubleSpinBox(minimum=1.0, maximum=3.0, singleStep=0.05,
+                                                 value=defaults.repetition_penalty, decimals=2)
+        self.repetition_penalty.setToolTip(f"Discourage tokens used in the last {defaults.repetition_window}, so "
+                                           "replies do not loop; 1 is off.")
+        self.max_tokens = QSpinBox(minimum=1, maximum=4096, value=defaults.max_new_tokens)
         self.max_tokens.setToolTip("Longest reply, in tokens.")
         self.seed = QSpinBox(minimum=-1, maximum=2**31 - 1, value=-1, specialValueText="random")
         self.seed.setToolTip("Fix the random draws so a sampled reply can be repeated; compare always uses one seed for all.")
-        row = QHBoxLayout()
-        for caption, widget in (("Base", self.base_combo), ("Precision", self.quant_combo),
-                                ("Temperature", self.temperature), ("Top-p", self.top_p),
-                                ("Max tokens", self.max_tokens), ("Seed", self.seed)):
-            label = QLabel(caption)
-            label.setObjectName("muted")
-            row.addWidget(label)
-            row.addWidget(widget)
-        row.addStretch(1)
+        self.sampling_note = QLabel()
+        self.sampling_note.setObjectName("muted")
+        self.reset_sampling = QPushButton("Reset")
+        self.reset_sampling.setToolTip("Back to the persona's recommended settings.")
+        self.reset_sampling.clicked.connect(self._reset_sampling)
+
+        model_row, sampling_row = QHBoxLayout(), QHBoxLayout()
+        for row, pairs in ((model_row, (("Base", self.base_combo), ("Precision", self.quant_combo))),
+                           (sampling_row, (("Temperature", self.temperature), ("Top-p", self.top_p),
+                                           ("Top-k", self.top_k), ("Repetition penalty", self.repetition_penalty),
+                                           ("Max tokens", self.max_tokens), ("Seed", self.seed)))):
+            for caption, widget in pairs:
+                label = QLabel(caption)
+                label.setObjectName("muted")
+                row.addWidget(label)
+                row.addWidget(widget)
+        model_row.addWidget(self.precision_note, 1)
+        sampling_row.addWidget(self.sampling_note, 1)
+        sampling_row.addWidget(self.reset_sampling)
+        rows = QVBoxLayout()
+        rows.addLayout(model_row)
+        rows.addLayout(sampling_row)
         # Not on every keystroke of a typed path: only once a base is picked or the typing is done.
         self.base_combo.activated.connect(self._base_changed)
         self.base_combo.lineEdit().editingFinished.connect(self._base_changed)
         self.quant_combo.currentTextChanged.connect(self._base_changed)
-        return row
+        for control in self._sampling_controls().values():
+            control.valueChanged.connect(self._sampling_edited)
+        return rows
+
+    def _sampling_controls(self) -> dict:
+        """The controls a persona's recommended settings fill in, by GenerationSettings field."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty}
 
     def _build_chat_tab(self) -> QWidget:
         self.persona_list = QListWidget()
@@ -329,7 +375,9 @@ class ChatPane(QWidget):
             except TailorError as exc:
                 self.banner.show_message(exc.message, exc.hint)
                 return False
-            self.personas[name] = Persona(name, entry.system_prompt or "")
+            recommended = GenerationSettings().with_sampling(entry.sampling).sampling()
+            self.personas[name] = Persona(name, entry.system_prompt or "", recommended=recommended,
+                                          recommended_by_persona=entry.sampling is not None, sampling=dict(recommended))
             self._refresh_choices()
         persona = self.personas[name]
         if name != BASE and not persona.is_preview and (is_new or persona.problem):
@@ -351,7 +399,8 @@ class ChatPane(QWidget):
 
     def settings(self, seed: int | None = None) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.max_tokens.value(), temperature=self.temperature.value(),
-                                  top_p=self.top_p.value(),
+                                  top_p=self.top_p.value(), top_k=self.top_k.value(),
+                                  repetition_penalty=self.repetition_penalty.value(),
                                   seed=seed if seed is not None else (None if self.seed.value() < 0 else self.seed.value()))
 
     @Slot()
@@ -501,6 +550,13 @@ class ChatPane(QWidget):
         self.banner.show_message(f"The mix '{name}' could not be made.", reason)
 
     @Slot(int, str)
+    def _reply_trimmed(self, request_id: int, note: str) -> None:
+        pending = self.pending.get(request_id)
+        if pending is not None:
+            pending.turn.note = note
+            self._render_pending(pending)
+
+    @Slot(int, str)
     def _reply_piece(self, request_id: int, piece: str) -> None:
         pending = self.pending.get(request_id)
         if pending is not None:
@@ -542,6 +598,8 @@ class ChatPane(QWidget):
         self._save_mix.connect(worker.save_mix)
         self._release.connect(worker.release)
         worker.status.connect(self._worker_status)
+        worker.precision_chosen.connect(self.precision_note.setText)
+        worker.reply_trimmed.connect(self._reply_trimmed)
         worker.base_ready.connect(self._base_ready)
         worker.persona_opened.connect(self._persona_opened)
         worker.persona_failed.connect(self._persona_failed)
@@ -581,6 +639,7 @@ class ChatPane(QWidget):
             return
         self._configured_base = self._chosen_base()
         self._configure_base.emit(*self._configured_base)
+        self.precision_note.setText("Chosen when the model loads.")
         # Personas reload onto the new base with the next message; a misfit there is reported then.
         for persona in self.personas.values():
             persona.problem = None
@@ -604,6 +663,7 @@ class ChatPane(QWidget):
         self.system_prompt.setPlainText(persona.system_prompt)
         self.system_prompt.blockSignals(False)
         self.system_prompt.setReadOnly(False)
+        self._show_sampling(persona)
         scrollbar = self.transcript.verticalScrollBar()
         at_end = scrollbar.value() >= scrollbar.maximum() - 4
         self.transcript.setHtml(render_turns(persona.turns, persona.label) or
@@ -611,6 +671,33 @@ class ChatPane(QWidget):
         if at_end:
             scrollbar.setValue(scrollbar.maximum())
         self._update_buttons()
+
+    def _show_sampling(self, persona: Persona) -> None:
+        """Put the persona's current decoding into the controls, and say whether it is the recommended one."""
+        for name, control in self._sampling_controls().items():
+            control.blockSignals(True)
+            control.setValue(persona.sampling[name])
+            control.blockSignals(False)
+        source = (f"the settings '{html.escape(persona.label)}' recommends" if persona.recommended_by_persona
+                  else "Tailor's default settings")
+        changed = persona.sampling != persona.recommended
+        self.sampling_note.setText(f"<b style='color:{ACCENT}'>Changed</b> from {source}." if changed
+                                   else source[0].upper() + source[1:] + ".")
+        self.sampling_note.setToolTip("Recommended: " + ", ".join(f"{key.replace('_', ' ')} {value:g}"
+                                                                  for key, value in persona.recommended.items()))
+        self.reset_sampling.setEnabled(changed)
+
+    @Slot()
+    def _sampling_edited(self) -> None:
+        persona = self.personas[self.current_choice()]
+        persona.sampling = {name: control.value() for name, control in self._sampling_controls().items()}
+        self._show_sampling(persona)
+
+    @Slot()
+    def _reset_sampling(self) -> None:
+        persona = self.personas[self.current_choice()]
+        persona.sampling = dict(persona.recommended)
+        self._show_sampling(persona)
 
     @Slot()
     def _system_prompt_edited(self) -> None:

@@ -65,6 +65,10 @@ class ChatWorker(QObject):
     mix_saved = Signal(str)
     mix_failed = Signal(str, str)
     """(mix name, why)."""
+    precision_chosen = Signal(str)
+    """How the base is held in memory and why ('full precision (fp32): chosen automatically, it fits …')."""
+    reply_trimmed = Signal(int, str)
+    """(request id, the note saying which older messages the model could not read along with this one)."""
     reply_piece = Signal(int, str)
     reply_done = Signal(int, str, bool)
     """(request id, the whole reply, whether it was stopped early)."""
@@ -78,7 +82,7 @@ class ChatWorker(QObject):
         self.paused_reason: str | None = None
         """While set (training runs), no model is loaded; written by the GUI thread."""
         self._session: ChatSession | None = None
-        self._base, self._quant = AUTO_BASE, "4bit"
+        self._base, self._quant = AUTO_BASE, "auto"
         self._personas: list[str] = []
         self._mixes: dict[str, MixSpec] = {}
 
@@ -118,8 +122,11 @@ class ChatWorker(QObject):
             if request.choice not in session.choices():
                 self.reply_failed.emit(request.request_id, f"'{request.choice}' could not be opened on {session.resolved.model_id}.")
                 return
+            fitted = session.fit_to_context(request.messages, request.settings)
+            if fitted.note:
+                self.reply_trimmed.emit(request.request_id, fitted.note)
             pieces = []
-            for piece in session.stream(request.messages, request.choice, request.settings, stop=stopped):
+            for piece in session.stream(fitted.messages, request.choice, request.settings, stop=stopped):
                 pieces.append(piece)
                 self.reply_piece.emit(request.request_id, piece)
             self.reply_done.emit(request.request_id, "".join(pieces).strip(), stopped.is_set())
@@ -161,6 +168,7 @@ class ChatWorker(QObject):
         base, quant = base_for(entries, None if self._base == AUTO_BASE else self._base, self._quant)
         self._session = ChatSession(base, quant, progress=self.status.emit)
         self.base_ready.emit(self._session.profile)
+        self.precision_chosen.emit(self._session.precision.describe())
         for name in list(self._personas):
             self._load_persona(name)
         for name, spec in list(self._mixes.items()):
@@ -169,7 +177,7 @@ class ChatWorker(QObject):
             except Exception as exc:
                 del self._mixes[name]
                 self.mix_failed.emit(name, user_message(exc))
-        self.status.emit(f"{self._session.resolved.model_id} ({quant}) is ready.")
+        self.status.emit(f"{self._session.resolved.model_id} ({self._session.precision.label}) is ready.")
         return self._session
 
     def _load_persona(self, name: str) -> None:

@@ -1,5 +1,7 @@
 """One 4-bit base, many personas: switching changes the model's outputs and switching back restores them bit for
-bit; misfits are refused with the reason; conversations become training data; the chat/compare CLI."""
+bit; misfits are refused with the reason; conversations become training data; the chat/compare CLI. Decoding that
+does not loop (sampling defaults, a penalty on recent repeats, seeds), the persona's recommended settings, chat
+precision 'auto', and conversations longer than the model's context."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import pytest
 from adapter_factory import make_random_adapters
 
 from app.cli import main
-from app.core.chat import BASE, ChatSession, GenerationSettings, save_conversation
+from app.core.chat import (
+    BASE, COMFORTABLE_SHARE, ChatSession, GenerationSettings, _logits_processors, choose_precision, save_conversation,
+)
 from app.core.data import load_dataset_file
 from app.core.errors import AdapterError, TailorError
-from app.core.library import Library, add_peft_folder
+from app.core.library import MANIFEST_NAME, Library, add_peft_folder, write_json_atomic
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -66,7 +70,7 @@ def test_fast_switch_gives_exactly_what_peft_set_adapter_gives(session):
 
 
 def test_replies_are_repeatable_per_persona_and_stop_flag_ends_them(session):
-    settings = GenerationSettings(max_new_tokens=12)
+    settings = GenerationSettings(max_new_tokens=12, seed=11)
     first = session.reply(session.prompt_messages(PROMPT, "You are terse."), "alpha", settings)
     session.reply(PROMPT, "beta.v2", settings)
     assert session.reply(session.prompt_messages(PROMPT, "You are terse."), "alpha", settings) == first
@@ -120,10 +124,158 @@ def test_a_saved_conversation_is_an_openai_chat_dataset(tmp_path):
 
 def test_cli_compare_labels_each_choice_and_refuses_unknown_ones(library, capsys):
     args = ["--library", str(library.root), "compare", "--adapters", "base,alpha,beta.v2", "--prompt", "Hi",
-            "--max-new-tokens", "6"]
+            "--max-new-tokens", "6", "--temperature", "0"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert all(label in out for label in ("base", "alpha", "beta.v2")) and "greedy (no randomness)" in out
     assert main(["--library", str(library.root), "compare", "--adapters", "base,nobody", "--prompt", "Hi"]) == 2
     assert "No adapter named 'nobody'" in capsys.readouterr().err
     assert main(["--library", str(library.root), "compare", "--adapters", "alpha,alpha", "--prompt", "Hi"]) == 2
+
+
+# Decoding
+
+
+def test_default_decoding_is_what_local_llm_apps_use():
+    settings = GenerationSettings()
+    assert (settings.temperature, settings.top_p, settings.top_k, settings.repetition_penalty) == (0.7, 0.9, 40, 1.1)
+    assert settings.repetition_window == 64 and not settings.greedy
+    assert GenerationSettings(temperature=0).greedy
+    assert "greedy" in GenerationSettings(temperature=0).describe()
+    assert "repetition penalty 1.1 over the last 64 tokens" in settings.describe()
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(repetition_penalty=0.9)):
+        with pytest.raises(TailorError):
+            GenerationSettings(**bad)
+
+
+def test_repetition_penalty_looks_only_at_the_recent_tokens():
+    """Unlike transformers' processor (every token of the prompt), ours penalises only the last window of tokens."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    settings = GenerationSettings(repetition_penalty=2.0, repetition_window=4)
+    (processor,) = _logits_processors(settings)
+    input_ids = torch.tensor([[5, 6, 6, 6, 6, 7, 8, 9, 10]])  # 5 is old (outside the window), 7..10 are recent
+    scores = torch.full((1, 16), 4.0)
+    scores[0, 8] = -4.0
+    penalised = processor(input_ids, scores.clone())
+    assert penalised[0, 5] == 4.0, "a token used before the window is not penalised"
+    assert penalised[0, 7] == 2.0 and penalised[0, 9] == 2.0, "recent tokens' positive scores are divided"
+    assert penalised[0, 8] == -8.0, "recent tokens' negative scores are multiplied"
+    assert penalised[0, 11] == 4.0, "unused tokens are untouched"
+    assert RepetitionPenaltyLogitsProcessor(2.0)(input_ids, scores.clone())[0, 5] == 2.0, "transformers' looks back all the way"
+    assert _logits_processors(GenerationSettings(repetition_penalty=1.0)) == []
+
+
+def test_a_seed_makes_sampled_replies_repeatable_and_different_seeds_differ(session):
+    messages = session.prompt_messages(PROMPT, "You are terse.")
+    replies = [session.reply(messages, "alpha", GenerationSettings(max_new_tokens=16, seed=seed)) for seed in (1, 1, 2)]
+    assert replies[0] == replies[1]
+    assert replies[0] != replies[2]
+
+
+def test_persona_recommended_settings_fill_in_and_bad_values_are_ignored():
+    recorded = {"temperature": 0.3, "top_k": 20.0, "repetition_penalty": 99, "top_p": "high", "mystery": 1}
+    settings = GenerationSettings(max_new_tokens=50).with_sampling(recorded)
+    assert (settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty) == (0.3, 20, 0.9, 1.1)
+    assert settings.max_new_tokens == 50 and isinstance(settings.top_k, int)
+    assert settings.sampling() == {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1}
+    assert GenerationSettings().with_sampling(None) == GenerationSettings()
+
+
+def recommend(library: Library, name: str, sampling: dict | None) -> None:
+    entry = library.get(name)
+    write_json_atomic(entry.path / MANIFEST_NAME, {**entry.manifest, "sampling": sampling})
+
+
+def test_cli_chat_flags_seed_and_persona_settings(library, capsys):
+    def chat(*extra: str) -> tuple[str, str]:
+        assert main(["--library", str(library.root), "chat", "--adapter", "alpha", "--prompt", "Hi",
+                     "--max-new-tokens", "10", *extra]) == 0
+        captured = capsys.readouterr()
+        return captured.out, captured.err
+
+    assert chat("--seed", "3")[0] == chat("--seed", "3")[0], "--seed makes a sampled reply repeatable"
+    greedy, said = chat("--temperature", "0")
+    assert "Decoding: greedy" in said
+    assert chat("--temperature", "0", "--top-k", "5", "--top-p", "0.5")[0] == greedy, "greedy ignores top-k/top-p"
+    recommend(library, "alpha", {"temperature": 0, "repetition_penalty": 1.2})
+    try:
+        out, said = chat()
+        assert out == chat("--temperature", "0", "--repetition-penalty", "1.2")[0]
+        assert "Decoding: greedy (no randomness), repetition penalty 1.2" in said, "the persona's settings apply"
+        assert "Decoding: temperature 0.9, top-p 0.9, top-k 40, repetition penalty 1.2" in chat("--temperature", "0.9")[1], \
+            "a flag overrides only its own setting"
+    finally:
+        recommend(library, "alpha", None)
+    assert main(["--library", str(library.root), "chat", "--adapter", "alpha", "--prompt", "Hi", "--top-p", "2"]) == 2
+    assert "Top-p must be" in capsys.readouterr().err
+
+
+def test_cli_says_which_settings_and_precision_it_chose(library, capsys):
+    assert main(["--library", str(library.root), "chat", "--adapter", "alpha", "--prompt", "Hi",
+                 "--max-new-tokens", "4", "--repetition-penalty", "1.3", "--seed", "9"]) == 0
+    err = capsys.readouterr().err
+    assert "Precision: full precision (fp32): chosen automatically, it fits comfortably" in err
+    assert "Decoding: temperature 0.7, top-p 0.9, top-k 40, repetition penalty 1.3 over the last 64 tokens, seed 9" in err
+
+
+# Precision
+
+
+def test_auto_precision_keeps_the_base_unquantised_when_it_fits_comfortably():
+    weights = 135_000_000
+    roomy = choose_precision("auto", weights, "cpu", free_bytes=20 * 10**9)
+    assert (roomy.quant, roomy.dtype) == ("none", "float32") and "fits comfortably" in roomy.describe()
+    tight = choose_precision("auto", weights, "cpu", free_bytes=int(weights * 4 / COMFORTABLE_SHARE) - 1)
+    assert tight.quant == "4bit" and "would not fit comfortably" in tight.describe()
+    assert choose_precision("8bit", weights, "cpu", free_bytes=10**12).quant == "8bit"
+    assert choose_precision("none", weights, "cpu", free_bytes=1).quant == "none", "the user's choice stands"
+    with pytest.raises(TailorError, match="Unknown chat precision"):
+        choose_precision("2bit", weights, "cpu", free_bytes=10**12)
+
+
+def test_an_auto_session_loads_the_base_unquantised_on_this_machine(tiny_base):
+    import torch
+
+    session = ChatSession(str(tiny_base))
+    assert session.quant == "none" and session.precision.quant == "none"
+    assert session.base_model.dtype == torch.float32
+    assert not any("4bit" in type(module).__name__ for module in session.base_model.modules())
+
+
+# Context
+
+
+def test_a_conversation_longer_than_the_context_is_trimmed_from_the_oldest_turns(session):
+    system = {"role": "system", "content": "You are terse."}
+    history = []
+    for turn in range(40):
+        history += [{"role": "user", "content": f"Question {turn}: " + "tell me more about the sea " * 4},
+                    {"role": "assistant", "content": f"Answer {turn}: " + "waves and salt and wind " * 4}]
+    new = {"role": "user", "content": "Last question: what is a ship?"}
+    settings = GenerationSettings(max_new_tokens=32, temperature=0)
+    fitted = session.fit_to_context([system, *history, new], settings)
+    assert fitted.dropped > 0 and fitted.note and "the system prompt is kept" in fitted.note
+    assert fitted.messages[0] == system and fitted.messages[1]["role"] == "user"
+    assert fitted.messages[-1] == new, "the newest message is never cut"
+    assert session.prompt_length(fitted.messages) <= session.context_length - settings.max_new_tokens
+    assert fitted.messages[1:] == ([*history, new])[fitted.dropped:]
+    assert isinstance(session.reply([system, *history, new], "alpha", settings), str), "a reply, not an error"
+    short = session.fit_to_context([system, new], settings)
+    assert short.dropped == 0 and short.note is None
+    with pytest.raises(TailorError, match="This message is too long"):
+        session.fit_to_context([system, {"role": "user", "content": "sea " * 2000}], settings)
+
+
+def test_recommended_settings_travel_in_a_bundle(library, tiny_base, tmp_path):
+    from app.core.export import export_adapter
+    from app.core.importer import import_adapter
+
+    make_random_adapters(library, tiny_base, ["sailor"])
+    recommend(library, "sailor", {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.15})
+    bundle = export_adapter(library, "sailor", "bundle", tmp_path)
+    received = Library(tmp_path / "friend")
+    imported = import_adapter(received, bundle, base=str(tiny_base))
+    assert imported.sampling == {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.15}
+    assert GenerationSettings().with_sampling(imported.sampling).sampling() == imported.sampling

@@ -1,5 +1,6 @@
-"""The chat pane with a real 4-bit tiny model on its worker thread: personas with their own conversations,
-switching mid-conversation, compare columns, stop, the pause during training, misfits and saving as JSONL."""
+"""The chat pane with a real tiny model on its worker thread: personas with their own conversations, switching
+mid-conversation, compare columns, stop, the pause during training, misfits and saving as JSONL; the sampling
+controls following each persona's recommended settings, the precision note and the trimming note."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from adapter_factory import make_random_adapters
 from PySide6.QtCore import Qt
 
 from app.core.chat import BASE, BASE_LABEL
-from app.core.library import Library
+from app.core.library import MANIFEST_NAME, Library, write_json_atomic
 from app.gui.chat_pane import DONE, STOPPED, ChatPane
 from app.gui.chat_worker import loaded_base
 
@@ -96,7 +97,7 @@ def test_compare_mode_answers_in_three_columns_with_the_same_settings(qtbot, pan
     assert titles == [BASE_LABEL, "alpha", "beta"]
     assert all(column.turn.state == DONE for column in pane.compare_columns)
     assert not any("▍" in column.column.toPlainText() for column in pane.compare_columns), "no column still streaming"
-    assert "greedy" in pane.compare_note.text()
+    assert "temperature 0.7" in pane.compare_note.text() and "seed" in pane.compare_note.text()
     assert {"alpha", "beta"} <= set(pane.personas), "compared personas are opened for chat too"
 
 
@@ -160,3 +161,54 @@ def test_a_conversation_saves_as_training_jsonl(qtbot, pane, tmp_path, monkeypat
     roles = [message["role"] for message in record["messages"]]
     assert roles == ["system", "user", "assistant"] and record["messages"][0]["content"] == "You are terse."
     assert "Saved the conversation" in pane.banner.plain_text
+
+
+def test_sampling_controls_follow_each_personas_recommended_settings(qtbot, pane, tiny_base, tmp_path):
+    entry = make_random_adapters(pane.library, tiny_base, ["sailor"], system_prompt="You are a sailor.")[0]
+    write_json_atomic(entry.path / MANIFEST_NAME, {**entry.manifest, "sampling": {"temperature": 0.2, "top_k": 10}})
+    assert pane.quant_combo.currentText() == "auto"
+    assert (pane.temperature.value(), pane.top_p.value(), pane.top_k.value(), pane.repetition_penalty.value()) == \
+        (0.7, 0.9, 40, 1.1), "the local-LLM apps' defaults"
+    assert pane.sampling_note.text() == "Tailor's default settings." and not pane.reset_sampling.isEnabled()
+
+    pane.open_persona("sailor")
+    assert (pane.temperature.value(), pane.top_k.value(), pane.top_p.value()) == (0.2, 10, 0.9)
+    assert "the settings 'sailor' recommends" in pane.sampling_note.text().lower()
+    pane.temperature.setValue(0.5)
+    assert "Changed" in pane.sampling_note.text() and pane.reset_sampling.isEnabled()
+    settings = pane.settings()
+    assert (settings.temperature, settings.top_k, settings.repetition_penalty) == (0.5, 10, 1.1)
+    pane.resize(1100, 720)
+    pane.grab().save(str(tmp_path / "sampling.png"))
+
+    pane.select_persona(BASE)
+    assert (pane.temperature.value(), pane.top_k.value()) == (0.7, 40), "each persona keeps its own settings"
+    pane.select_persona("sailor")
+    assert pane.temperature.value() == 0.5, "and the user's change to them"
+    qtbot.mouseClick(pane.reset_sampling, Qt.MouseButton.LeftButton)
+    assert pane.temperature.value() == 0.2 and "Changed" not in pane.sampling_note.text()
+
+
+def test_the_precision_note_says_what_auto_chose(qtbot, pane):
+    send(qtbot, pane, BASE, "Hi")
+    wait_for_replies(qtbot, pane)
+    assert pane.precision_note.text().startswith("full precision (fp32): chosen automatically, it fits comfortably")
+    pane.quant_combo.setCurrentText("4bit")
+    assert pane.precision_note.text() == "Chosen when the model loads."
+    send(qtbot, pane, BASE, "Hi again")
+    wait_for_replies(qtbot, pane)
+    assert pane.precision_note.text().startswith("4-bit (NF4): as chosen")
+
+
+def test_a_conversation_longer_than_the_context_shows_a_note_and_still_answers(qtbot, pane):
+    from app.gui.chat_pane import Turn
+
+    persona = pane.personas[BASE]
+    for turn in range(60):  # about 1,500 tokens; the tiny model reads 1,024
+        persona.turns += [Turn("user", f"Question {turn}: tell me more about the sea and the ships"),
+                          Turn("assistant", f"Answer {turn}: waves, salt, wind and sails")]
+    send(qtbot, pane, BASE, "Last question: what is a ship?")
+    wait_for_replies(qtbot, pane)
+    reply = persona.turns[-1]
+    assert reply.state == DONE and "longer than the model can read at once (1024 tokens)" in reply.note
+    assert "the system prompt is kept" in pane.transcript.toPlainText()
