@@ -62,6 +62,10 @@ def show_adapter(args) -> int:
     if entry.problem:
         console.print(f"[red]Damaged: {entry.problem}[/]")
     console.print_json(json.dumps(entry.manifest or {"note": "no Tailor manifest (adapter made elsewhere)"}))
+    if not entry.problem:
+        from app.cli.share_cmd import print_vllm_readiness
+
+        print_vllm_readiness(entry, entry.path)  # the library folder is itself a PEFT folder vLLM can load
     return 0
 
 

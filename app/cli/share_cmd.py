@@ -14,7 +14,7 @@ def register(subparsers, common) -> None:
     export.add_argument("name", help="adapter name in the library")
     export.add_argument("--format", choices=list(FORMATS), default="bundle", help="what to write (default: bundle)")
     export.add_argument("--out", metavar="PATH",
-                        help="file or folder to write (default: NAME.tailor, NAME-peft, NAME-merged or NAME.gguf here); "
+                        help="file or folder to write (default: NAME.tailor, NAME-peft, NAME-merged, NAME.gguf or NAME-ollama here); "
                              "a bundle or GGUF given an existing folder goes inside it")
     export.add_argument("--force", action="store_true", help="replace an earlier export at PATH")
     export.add_argument("--base", help="base model to merge into or convert for, if not the one the adapter names")
@@ -58,8 +58,29 @@ def run_export(args) -> int:
     console.print(f"[green]Exported '{args.name}'[/] as {FORMATS[args.format]}: {target}")
     if args.format == "gguf":
         console.print("Use it with llama.cpp: llama-cli -m BASE.gguf --lora " + str(target) +
-                      "\nor Ollama: a Modelfile with 'FROM <base>' and 'ADAPTER " + str(target) + "'")
+                      "\nFor Ollama, export with --format ollama (adds the Modelfile).")
+    elif args.format == "ollama":
+        from app.core.export import ollama_model_name
+
+        name = ollama_model_name(args.name)
+        console.print(f"Use it with Ollama: cd {target} && ollama create {name} -f Modelfile && ollama run {name}",
+                      soft_wrap=True, markup=False, highlight=False)
+    elif args.format == "peft":
+        print_vllm_readiness(open_library(args).get(args.name), target)
     return 0
+
+
+def print_vllm_readiness(entry, location) -> None:
+    """The exact `vllm serve` line for this adapter, or what stops vLLM from serving it and the fix."""
+    from app.cli.common import console
+    from app.core.export import VLLM_FIX, vllm_command, vllm_problems
+
+    problems = vllm_problems(entry.adapter_config())
+    if problems:
+        console.print(f"[yellow]vLLM: not ready[/]: {'; '.join(problems)}.\n{VLLM_FIX.replace('NAME', entry.name)}")
+    else:
+        console.print("vLLM: ready. Serve it with:")
+        console.print(vllm_command(entry, location), soft_wrap=True, markup=False, highlight=False)
 
 
 def run_import(args) -> int:

@@ -1,4 +1,5 @@
-"""Export an adapter from the library as a PEFT folder, a `.tailor` share bundle, a merged model or a GGUF LoRA.
+"""Export an adapter from the library as a PEFT folder, a `.tailor` share bundle, a merged model, a GGUF LoRA, or
+an Ollama folder (the GGUF LoRA plus a Modelfile); and check it against vLLM's rules for LoRA serving.
 
 Every export is written next to its destination under a temporary name and renamed into place when complete, so
 a crash or a full disk never leaves a half-written file where the user expects a finished one, and an existing
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import tempfile
 import zipfile
@@ -30,12 +33,13 @@ FORMATS = {
     "bundle": "Tailor share bundle (.tailor)",
     "merged": "Merged model folder (base + adapter)",
     "gguf": "GGUF LoRA for llama.cpp / Ollama",
+    "ollama": "Ollama folder (GGUF LoRA + Modelfile)",
 }
-FOLDER_FORMATS = ("peft", "merged")
-_DEFAULT_SUFFIX = {"peft": "-peft", "bundle": ".tailor", "merged": "-merged", "gguf": ".gguf"}
+FOLDER_FORMATS = ("peft", "merged", "ollama")
+_DEFAULT_SUFFIX = {"peft": "-peft", "bundle": ".tailor", "merged": "-merged", "gguf": ".gguf", "ollama": "-ollama"}
 # A file that marks a folder as an earlier export of the same kind: only such a folder is replaced with `force`, so
 # a mistyped --out can never wipe an unrelated directory.
-_EXPORT_MARKER = {"peft": ADAPTER_CONFIG, "merged": "config.json"}
+_EXPORT_MARKER = {"peft": ADAPTER_CONFIG, "merged": "config.json", "ollama": "Modelfile"}
 SAMPLE_CONVERSATIONS = 3
 # llama.cpp architecture for each transformers model_type it can apply a LoRA to, and whether its HF conversion
 # permutes the query/key rows (Llama-style rotary layout), which a LoRA's B matrices must then follow.
@@ -74,7 +78,7 @@ def export_adapter(library: Library, name: str, format: str, out: str | os.PathL
     report = progress or (lambda update: None)
     try:
         with _atomic_output(target, folder=format in FOLDER_FORMATS) as temporary:
-            _WRITERS[format](entry, temporary, base, report)
+            _WRITERS[format](entry, temporary, base, report, target)
     except OSError as exc:  # a full disk or a folder without write permission is for the user to fix, not a bug
         raise TailorError(f"Could not write {target}: {exc.strerror or exc}",
                           "Check there is enough free space and that you may write to that folder.") from exc
@@ -139,15 +143,15 @@ def _remove(path: Path) -> None:
 
 # PEFT folder and model card
 
-def _write_peft(entry: AdapterEntry, folder: Path, base: str | None, report: ProgressSink) -> None:
+def _write_peft(entry: AdapterEntry, folder: Path, base: str | None, report: ProgressSink, target: Path) -> None:
     report(ShareProgress("Copying the adapter…", 0, 2))
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copyfile(entry.path / name, folder / name)
     report(ShareProgress("Writing the model card…", 1, 2))
-    (folder / MODEL_CARD_NAME).write_text(model_card(entry), encoding="utf-8")
+    (folder / MODEL_CARD_NAME).write_text(model_card(entry, location=target), encoding="utf-8")
 
 
-def model_card(entry: AdapterEntry, merged: bool = False) -> str:
+def model_card(entry: AdapterEntry, merged: bool = False, location: Path | None = None) -> str:
     """A Hugging Face style README: what the adapter is for, what it was trained on and how, and how to use it."""
     manifest = entry.manifest or {}
     adapter_config = entry.adapter_config()
@@ -203,12 +207,70 @@ def model_card(entry: AdapterEntry, merged: bool = False) -> str:
               "                                       return_dict=True)",
               "output = model.generate(**inputs, max_new_tokens=128)",
               'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+    if not merged:
+        lines += _vllm_section(entry, location)
     return "\n".join(lines)
+
+
+# vLLM
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for --max-lora-rank; an adapter of any rank up to the value given is served."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+VLLM_FIX = "Export a merged model instead (tailor export NAME --format merged) and serve that folder with 'vllm serve FOLDER'."
+
+
+def vllm_problems(adapter_config: dict) -> list[str]:
+    """What stops vLLM from serving this adapter with --enable-lora (empty when it can)."""
+    ranks = [adapter_config.get("r") or 0, *(adapter_config.get("rank_pattern") or {}).values()]
+    bias = adapter_config.get("bias") not in (None, "none") or adapter_config.get("lora_bias")
+    checks = (
+        (f"it is a {adapter_config.get('peft_type')} adapter; vLLM serves LoRA only", adapter_config.get("peft_type", "LORA") != "LORA"),
+        ("it uses DoRA, which vLLM's LoRA serving does not support", adapter_config.get("use_dora")),
+        (f"it trains whole layers besides the LoRA (modules_to_save: {', '.join(adapter_config.get('modules_to_save') or [])}), "
+         "which vLLM cannot load", adapter_config.get("modules_to_save")),
+        ("it trains bias terms, which vLLM's LoRA layers do not have", bias),
+        (f"its rank {max(ranks)} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})",
+         max(ranks) > VLLM_MAX_LORA_RANKS[-1]),
+    )
+    return [reason for reason, present in checks if present]
+
+
+def vllm_max_lora_rank(adapter_config: dict) -> int:
+    """The smallest --max-lora-rank vLLM accepts that covers every rank in the adapter."""
+    rank = max([adapter_config.get("r") or 1, *(adapter_config.get("rank_pattern") or {}).values()])
+    return next(allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank)
+
+
+def hub_base_id(entry: AdapterEntry) -> str:
+    """The base as vLLM (or any hub-aware tool) names it: a hub id where the adapter records one, else its folder."""
+    recorded = [((entry.manifest or {}).get("base_model") or {}).get("id"),
+                entry.adapter_config().get("base_model_name_or_path")]
+    names = [name for name in recorded if name]
+    hub_ids = [name for name in names if _HUB_ID.match(name) and not Path(name).exists()]
+    local = [name for name in names if Path(name).expanduser().is_dir()]  # vLLM loads a local folder too
+    return next(iter(hub_ids + local + names), "BASE_MODEL")
+
+
+def vllm_command(entry: AdapterEntry, location: Path | str) -> str:
+    """The exact `vllm serve` line that serves this adapter (as model NAME) on its base."""
+    config = entry.adapter_config()
+    return (f"vllm serve {shlex.quote(hub_base_id(entry))} --enable-lora "
+            f"--lora-modules {shlex.quote(f'{entry.name}={location}')} --max-lora-rank {vllm_max_lora_rank(config)}")
+
+
+def _vllm_section(entry: AdapterEntry, location: Path | None) -> list[str]:
+    problems = vllm_problems(entry.adapter_config())
+    lines = ["## Serve with vLLM", ""]
+    if problems:
+        return lines + [f"Not ready for vLLM's LoRA serving: {'; '.join(problems)}.", "", VLLM_FIX.replace("NAME", entry.name), ""]
+    return lines + ["```bash", vllm_command(entry, location or "path/to/this/folder"), "```", "",
+                    f"Then send OpenAI chat requests with `\"model\": \"{entry.name}\"` to http://localhost:8000/v1.", ""]
 
 
 # Share bundle
 
-def _write_bundle(entry: AdapterEntry, path: Path, base: str | None, report: ProgressSink) -> None:
+def _write_bundle(entry: AdapterEntry, path: Path, base: str | None, report: ProgressSink, target: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="tailor-bundle-") as scratch:
         staged = Path(scratch)
         report(ShareProgress("Collecting the adapter, model card and samples…", 0, 1))
@@ -267,7 +329,7 @@ def _sample_conversations(entry: AdapterEntry) -> list[dict]:
 
 # Merged model
 
-def _write_merged(entry: AdapterEntry, folder: Path, base: str | None, report: ProgressSink) -> None:
+def _write_merged(entry: AdapterEntry, folder: Path, base: str | None, report: ProgressSink, target: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -297,7 +359,7 @@ def _write_merged(entry: AdapterEntry, folder: Path, base: str | None, report: P
 
 # GGUF LoRA
 
-def _write_gguf(entry: AdapterEntry, path: Path, base: str | None, report: ProgressSink) -> None:
+def _write_gguf(entry: AdapterEntry, path: Path, base: str | None, report: ProgressSink, target: Path | None = None) -> None:
     import gguf
     from safetensors.torch import load_file
 
@@ -366,6 +428,8 @@ def _require_plain_lora(adapter_config: dict) -> None:
             ("it sets a different rank or alpha per layer",
              adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern")),
             ("it trains whole layers besides the LoRA (modules_to_save)", adapter_config.get("modules_to_save")),
+            ("it trains bias terms (llama.cpp's LoRA has only the A and B matrices)",
+             adapter_config.get("bias") not in (None, "none") or adapter_config.get("lora_bias")),
         ) if present
     ]
     if unsupported:
@@ -388,4 +452,78 @@ def _lora_pairs(tensors: dict) -> dict[str, tuple]:
     return {module: (half["A"], half["B"]) for module, half in halves.items()}
 
 
-_WRITERS = {"peft": _write_peft, "bundle": _write_bundle, "merged": _write_merged, "gguf": _write_gguf}
+# Ollama
+
+OLLAMA_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                     "repetition_penalty": "repeat_penalty", "repetition_window": "repeat_last_n"}
+"""Tailor's generation settings and the Ollama Modelfile PARAMETER each one is (the same meaning, llama.cpp's)."""
+
+
+def _write_ollama(entry: AdapterEntry, folder: Path, base: str | None, report: ProgressSink, target: Path) -> None:
+    """The GGUF LoRA, a Modelfile that puts it on its base with the persona's prompt and settings, and a README."""
+    adapter_file = f"{entry.name}.gguf"
+    _write_gguf(entry, folder / adapter_file, base, report)
+    resolved = locate_base([base] if base else named_bases(entry.manifest, entry.adapter_config()), weights=False)
+    base_line, base_note = _ollama_base(resolved)
+    model_name = ollama_model_name(entry.name)
+    (folder / "Modelfile").write_text(modelfile(entry, base_line, base_note, adapter_file, _stop_tokens(resolved)),
+                                      encoding="utf-8")
+    (folder / MODEL_CARD_NAME).write_text("\n".join([
+        f"# {entry.name} for Ollama", "",
+        f"The persona '{entry.name}' as a GGUF LoRA (`{adapter_file}`) on {resolved.model_id}, made with Tailor {__version__}.",
+        "", base_note, "", "```bash", f"cd {shlex.quote(str(target))}", f"ollama create {model_name} -f Modelfile",
+        f"ollama run {model_name}", "```", "",
+        f"Ollama's API then serves it as model `{model_name}` (OpenAI-compatible at http://localhost:11434/v1).", ""]),
+        encoding="utf-8")
+
+
+def modelfile(entry: AdapterEntry, base_line: str, base_note: str, adapter_file: str, stop_tokens: list[str]) -> str:
+    from app.core.chat import GenerationSettings
+
+    settings = GenerationSettings().with_sampling((entry.manifest or {}).get("sampling"))
+    lines = [f"# {entry.name}: a Tailor persona. {base_note}", f"FROM {base_line}", f"ADAPTER ./{adapter_file}"]
+    if entry.system_prompt:
+        lines.append(f'SYSTEM """{entry.system_prompt.replace(chr(34) * 3, chr(39) * 3)}"""')
+    lines += [f"PARAMETER {name} {getattr(settings, key):g}" for key, name in OLLAMA_PARAMETERS.items()]
+    lines += [f"PARAMETER stop {json.dumps(token)}" for token in stop_tokens]
+    return "\n".join(lines) + "\n"
+
+
+def ollama_model_name(name: str) -> str:
+    """Ollama model names are lower-case letters, digits, '-', '_' and '.'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "persona"
+
+
+def _ollama_base(resolved) -> tuple[str, str]:
+    """(what FROM names, a note saying what it is): the base's own GGUF file where there is one on this computer."""
+    from app.core.models import BUNDLED_HUB_ID, bundled_gguf_path
+
+    if resolved.model_id == BUNDLED_HUB_ID:
+        try:
+            return str(bundled_gguf_path()), ("The base is Tailor's bundled SmolLM2-135M-Instruct GGUF; "
+                                              "'FROM smollm2:135m' (Ollama's own copy) works too.")
+        except TailorError:
+            pass
+    if str(resolved.source).lower().endswith(".gguf"):
+        return str(Path(resolved.source).expanduser().resolve()), "The base is the GGUF file the persona was trained on."
+    return "./base.gguf", (f"Put {resolved.model_id} as GGUF next to the Modelfile as base.gguf first (llama.cpp's "
+                           "convert_hf_to_gguf.py converts a Hugging Face folder).")
+
+
+def _stop_tokens(resolved) -> list[str]:
+    """The tokens that end a reply for this base (its end-of-turn and end-of-text), as Ollama's stop strings."""
+    from app.core.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(resolved.folder)
+    except (OSError, ValueError, TailorError):
+        return []
+    generation = (resolved.folder / "generation_config.json")
+    ids = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    ids = ids if isinstance(ids, list) else [ids]
+    tokens = [tokenizer.convert_ids_to_tokens(token) for token in ids if isinstance(token, int)]
+    return list(dict.fromkeys(token for token in [*tokens, tokenizer.eos_token] if token))
+
+
+_WRITERS = {"peft": _write_peft, "bundle": _write_bundle, "merged": _write_merged, "gguf": _write_gguf,
+            "ollama": _write_ollama}

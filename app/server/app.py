@@ -62,7 +62,7 @@ def create_app(engine: ServingEngine, api_key: str | None = None, max_body_bytes
     def health() -> dict:
         # Open without a key (for monitors), so it says nothing about the personas beyond how many there are.
         return {"status": "ok", "version": __version__, "models": len(engine.model_names()),
-                "queued": engine.queued, "running": engine.running, **engine.counts}
+                "queued": engine.queued, "running": engine.running, "largest_batch": engine.largest_batch, **engine.counts}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
