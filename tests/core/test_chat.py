@@ -279,3 +279,21 @@ def test_recommended_settings_travel_in_a_bundle(library, tiny_base, tmp_path):
     imported = import_adapter(received, bundle, base=str(tiny_base))
     assert imported.sampling == {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.15}
     assert GenerationSettings().with_sampling(imported.sampling).sampling() == imported.sampling
+
+
+def test_cli_chat_notes_when_older_messages_are_left_out(library, monkeypatch, capsys):
+    from app.cli.common import console
+
+    long_message = "Tell me everything about the sea, the ships and the sailors. " * 40  # ~480 tokens each
+    typed = iter([long_message, long_message, long_message])
+
+    def type_line(*_args, **_kwargs) -> str:
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(console, "input", type_line)
+    assert main(["--library", str(library.root), "chat", "--adapter", "alpha", "--max-new-tokens", "4"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("longer than the model can read at once (1024 tokens)") == 2, out
