@@ -18,9 +18,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PySide6.QtCore import QEvent, Qt, QThread, Signal, Slot
+from PySide6.QtCore import QEvent, Qt, QThread, QUrl, Signal, Slot
 from PySide6.QtWidgets import (
-    QComboBox, QDoubleSpinBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+    QComboBox, QDoubleSpinBox, QFileDialog, QGridLayout, QGroupBox, QHBoxLayout, QInputDialog, QLabel, QLineEdit, QListWidget,
     QListWidgetItem, QPlainTextEdit, QPushButton, QSpinBox, QSplitter, QStyle, QTabWidget, QTextBrowser, QVBoxLayout,
     QWidget,
 )
@@ -32,6 +32,7 @@ from app.core.mixing import MixSpec
 from app.gui.chat_worker import AUTO_BASE, ChatWorker, ReplyRequest, loaded_base
 from app.gui.library_panel import LibraryWatcher
 from app.gui.mixer import PersonaMixer
+from app.gui.serve_panel import ServePanel
 from app.gui.style import ACCENT, BAD, MUTED
 from app.gui.wizard.base import Banner
 
@@ -51,6 +52,8 @@ class Turn:
     state: str = DONE
     note: str = ""
     """Shown above a reply: which older messages the model could not read along with it."""
+    edited: bool = False
+    """The user corrected this reply ("Edit reply"), so it is what the persona should have said."""
 
 
 @dataclass
@@ -87,10 +90,11 @@ def history(turns: list[Turn]) -> list[dict[str, str]]:
             if turn.role == "user" or (turn.state in (DONE, STOPPED) and turn.content.strip())]
 
 
-def render_turns(turns: list[Turn], persona_label: str | None) -> str:
-    """Turns as HTML; without a persona label (compare columns, titled already) replies show no speaker line."""
+def render_turns(turns: list[Turn], persona_label: str | None, editable: bool = False) -> str:
+    """Turns as HTML; without a persona label (compare columns, titled already) replies show no speaker line.
+    `editable` adds an "Edit reply" link (href edit:INDEX) under each finished reply."""
     blocks = []
-    for turn in turns:
+    for index, turn in enumerate(turns):
         speaker, colour = ("You", ACCENT) if turn.role == "user" else (persona_label, PERSONA_COLOUR)
         body = html.escape(turn.content).replace("\n", "<br>")
         if turn.state == STREAMING:
@@ -101,6 +105,10 @@ def render_turns(turns: list[Turn], persona_label: str | None) -> str:
             body = f"<span style='color:{BAD}'>{body}</span>"
         if turn.note:
             body = f"<span style='color:{MUTED}'><i>({html.escape(turn.note)})</i></span><br>{body}"
+        if turn.edited:
+            body += f" <span style='color:{MUTED}'>(edited)</span>"
+        if editable and turn.role == "assistant" and turn.state in (DONE, STOPPED):
+            body += f"<br><a href='edit:{index}' style='color:{MUTED}; font-size:small'>Edit reply</a>"
         header = f"<b style='color:{colour}'>{html.escape(speaker)}</b><br>" if speaker else ""
         blocks.append(f"<p style='margin-bottom:10px'>{header}{body}</p>")
     return "".join(blocks)
@@ -144,6 +152,8 @@ class ChatPane(QWidget):
         layout.addLayout(self._build_settings_row())
         layout.addWidget(self.banner)
         layout.addWidget(self.tabs, 1)
+        self.serve_panel = ServePanel(library, self._chosen_base)
+        layout.addWidget(self.serve_panel)
         layout.addWidget(self.status)
 
         self.mixer.preview_requested.connect(self._request_preview)
@@ -242,6 +252,9 @@ class ChatPane(QWidget):
         self.clear_button = QPushButton("Clear")
         self.save_button = QPushButton("Save as JSONL…")
         self.save_button.setToolTip("Save this conversation as an OpenAI-chat JSONL line the training wizard can learn from.")
+        self.add_to_dataset_button = QPushButton("Add to dataset…")
+        self.add_to_dataset_button.setToolTip("Append this conversation, with any replies you corrected (Edit reply), "
+                                              "to a chat JSONL dataset you pick: a new file or one to grow.")
 
         left = QWidget()
         left_layout = QVBoxLayout(left)
@@ -258,6 +271,7 @@ class ChatPane(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.clear_button)
         buttons.addWidget(self.save_button)
+        buttons.addWidget(self.add_to_dataset_button)
         buttons.addStretch(1)
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.send_button)
@@ -286,6 +300,8 @@ class ChatPane(QWidget):
         self.stop_button.clicked.connect(self.stop)
         self.clear_button.clicked.connect(self.clear)
         self.save_button.clicked.connect(self._save_conversation)
+        self.add_to_dataset_button.clicked.connect(self._add_to_dataset)
+        self.transcript.anchorClicked.connect(self._reply_link_clicked)
         self.input.installEventFilter(self)
         return splitter
 
@@ -351,6 +367,7 @@ class ChatPane(QWidget):
 
     def shutdown(self) -> None:
         """Stop any reply and end the worker thread; waits for a model load in progress to finish."""
+        self.serve_panel.shutdown()
         if self._thread is None:
             return
         self._worker.cancel_through(2**62)
@@ -446,6 +463,54 @@ class ChatPane(QWidget):
             self.banner.show_message(getattr(exc, "message", str(exc)), getattr(exc, "hint", None))
             return
         self.banner.show_message(f"Saved the conversation to {saved}.", "Use it as a dataset in the training wizard.", tone="success")
+
+    # Corrected replies become training data
+
+    @Slot(QUrl)
+    def _reply_link_clicked(self, url: QUrl) -> None:
+        if url.scheme() != "edit" or not url.path().isdigit():
+            return
+        index = int(url.path())
+        turns = self.personas[self.current_choice()].turns
+        if index >= len(turns) or turns[index].role != "assistant":
+            return
+        text, accepted = QInputDialog.getMultiLineText(self, "Edit reply", "The reply as the persona should have "
+                                                       "written it (kept when you add the chat to a dataset):",
+                                                       turns[index].content)
+        if accepted:
+            self.edit_reply(index, text)
+
+    def edit_reply(self, index: int, text: str) -> None:
+        """Replace the current persona's reply at `index` with the user's correction."""
+        turn = self.personas[self.current_choice()].turns[index]
+        if turn.role != "assistant" or turn.state not in (DONE, STOPPED) or not text.strip():
+            return
+        if text != turn.content:
+            turn.content, turn.state, turn.edited = text, DONE, True
+        self._show_current()
+
+    def _add_to_dataset(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Add the conversation to a dataset", str(Path.home() / "corrected-chats.jsonl"),
+            "JSON Lines (*.jsonl)", options=QFileDialog.Option.DontConfirmOverwrite)  # adding to a file is the point
+        if path:
+            self.add_to_dataset(path)
+
+    def add_to_dataset(self, path: str) -> None:
+        """Append the current conversation (corrections included) as one example to a chat JSONL file, atomically."""
+        from app.core.chat import conversation_record
+        from app.core.dataset_edit import append_example
+
+        persona = self.personas[self.current_choice()]
+        try:
+            record = conversation_record(history(persona.turns), persona.system_prompt.strip() or None)
+            saved = append_example(path, record)
+        except (TailorError, OSError) as exc:
+            self.banner.show_message(getattr(exc, "message", str(exc)), getattr(exc, "hint", None))
+            return
+        rows = sum(1 for line in saved.read_text(encoding="utf-8").splitlines() if line.strip())
+        self.banner.show_message(f"Added the conversation to {saved} ({rows} example(s) there now).",
+                                 "Train on it from the wizard's Dataset page.", tone="success")
 
     # Compare
 
@@ -666,7 +731,7 @@ class ChatPane(QWidget):
         self._show_sampling(persona)
         scrollbar = self.transcript.verticalScrollBar()
         at_end = scrollbar.value() >= scrollbar.maximum() - 4
-        self.transcript.setHtml(render_turns(persona.turns, persona.label) or
+        self.transcript.setHtml(render_turns(persona.turns, persona.label, editable=True) or
                                 f"<p style='color:{MUTED}'>Say something to {html.escape(persona.label)}.</p>")
         if at_end:
             scrollbar.setValue(scrollbar.maximum())
@@ -756,6 +821,7 @@ class ChatPane(QWidget):
         self.compare_stop.setEnabled(bool(self.pending))
         self.clear_button.setEnabled(not self._busy(choice))
         self.save_button.setEnabled(any(message["role"] == "assistant" for message in history(self.personas[choice].turns)))
+        self.add_to_dataset_button.setEnabled(self.save_button.isEnabled())
 
     def _set_status(self, text: str) -> None:
         self.status.setText(text)

@@ -1,4 +1,5 @@
-"""Step 2: the dataset. Pick or drop a file; see its format, first rows, problems, lengths and one masked example."""
+"""Step 2: the dataset. Pick or drop a file, or make one from a chat export; edit, filter and dedupe its examples in
+the dataset editor; see its format, problems, lengths and the selected example as the model sees it (masking)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Callable
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
-    QAbstractItemView, QComboBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QMenu, QSplitter,
-    QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget,
+    QAbstractItemView, QComboBox, QDialog, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QMenu,
+    QPushButton, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget,
 )
 
 from app.core.config import DATA_FORMATS, DataSettings
 from app.gui import settings
+from app.gui.dataset_editor import ConvertDialog, DatasetEditor
 from app.gui.wizard.base import DatasetInfo, WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 from app.gui.wizard.widgets import ExampleView, PathField, TokenHistogram, legend_html
@@ -57,7 +59,8 @@ def inspect_dataset(path: str, format: str, prompt_column: str | None, response_
 class DataPage(WizardPage):
     title = "Choose the dataset"
     subtitle = ("Examples of how the persona should answer: a .jsonl of chats, a CSV of prompts and responses, "
-                "plain text… Drop a file anywhere on this page, or browse.")
+                "plain text… Drop a file anywhere on this page, or browse; or make one from a chat export or a "
+                "script. Double-click a cell to edit it.")
 
     def __init__(self, context: WizardContext, max_len: Callable[[], int], system_prompt: Callable[[], str | None],
                  parent: QWidget | None = None):
@@ -77,6 +80,9 @@ class DataPage(WizardPage):
             samples.addAction(sample.stem, lambda chosen=sample: self.set_path(str(chosen)))
         self.samples_button.setMenu(samples)
         self.samples_button.setEnabled(bool(sample_datasets()))
+        self.convert_button = QPushButton("From a chat…")
+        self.convert_button.setToolTip("Make a dataset from a WhatsApp, Telegram or Discord export, or from a "
+                                       "transcript or script: one participant's replies become the persona's.")
         self.format_combo = QComboBox()
         for key in DATA_FORMATS:
             self.format_combo.addItem(FORMAT_NAMES[key], key)
@@ -100,7 +106,12 @@ class DataPage(WizardPage):
 
         self.summary = QLabel()
         self.summary.setWordWrap(True)
+        self.checks = QLabel()
+        self.checks.setWordWrap(True)
+        self.checks.setObjectName("muted")
+        self.editor = DatasetEditor()
         self.table = QTableWidget()
+        """Plain-text datasets are shown as they are, not edited."""
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setWordWrap(False)
         self.table.setAcceptDrops(False)
@@ -117,16 +128,20 @@ class DataPage(WizardPage):
         top.addWidget(QLabel("File:"))
         top.addWidget(self.path_field, 1)
         top.addWidget(self.samples_button)
+        top.addWidget(self.convert_button)
         top.addSpacing(12)
         top.addWidget(QLabel("Format:"))
         top.addWidget(self.format_combo)
         top.addWidget(self.detected)
 
-        rows_box = QGroupBox("First rows")
-        QVBoxLayout(rows_box).addWidget(self.table)
+        rows_box = QGroupBox("Examples")
+        self.rows_stack = QStackedWidget()
+        self.rows_stack.addWidget(self.editor)
+        self.rows_stack.addWidget(self.table)
+        QVBoxLayout(rows_box).addWidget(self.rows_stack)
         lengths_box = QGroupBox("Tokens per example")
         QVBoxLayout(lengths_box).addWidget(self.histogram)
-        example_box = QGroupBox("One example as the model sees it")
+        example_box = QGroupBox("The selected example as the model sees it")
         example_layout = QVBoxLayout(example_box)
         example_layout.addWidget(self.example, 1)
         example_layout.addWidget(legend)
@@ -145,13 +160,20 @@ class DataPage(WizardPage):
         layout.addLayout(top)
         layout.addWidget(self.columns_row)
         layout.addWidget(self.summary)
+        layout.addWidget(self.checks)
         layout.addWidget(panes, 1)
 
         self.path_field.edit.editingFinished.connect(self._path_changed)
         self.format_combo.currentIndexChanged.connect(self._inputs_changed)
         self.prompt_column.activated.connect(self._columns_chosen)
         self.response_column.activated.connect(self._columns_chosen)
+        self.convert_button.clicked.connect(self._ask_convert)
+        self.editor.analysis_ready.connect(self._analysed)
+        self.editor.selection_changed.connect(self._show_example)
+        self.editor.saved.connect(self._saved_as)
+        self.editor.save_failed.connect(self.show_failure)
         self._columns_overridden = False
+        self._converted_from: str | None = None
         default = sample_datasets()
         if default:
             self.path_field.edit.setText(str(default[0]))
@@ -216,6 +238,8 @@ class DataPage(WizardPage):
     # Loading
 
     def enter(self) -> None:
+        if self.editor.dirty:
+            return  # coming back to unsaved edits: reloading the file would throw them away
         if self.context.model is not None and self.path_field.text() and self._loaded_request() != self._request():
             self._load()
 
@@ -248,7 +272,9 @@ class DataPage(WizardPage):
 
     def _clear(self) -> None:
         self.summary.clear()
+        self.checks.clear()
         self.detected.clear()
+        self.editor.clear()
         self.table.clear()
         self.table.setRowCount(0)
         self.table.setColumnCount(0)
@@ -259,6 +285,14 @@ class DataPage(WizardPage):
         report = info.report
         self.detected.setText(f"detected: {FORMAT_NAMES[report.format]}" if info.format == "auto" else "")
         self._show_columns(info)
+        self._converted_from = None
+        if report.format != "text":
+            self.rows_stack.setCurrentWidget(self.editor)
+            self.editor.set_examples(info.loaded.conversations, report.token_lengths, self._max_len(), info.tokenizer,
+                                     self._system_prompt())
+        else:
+            self.editor.clear()
+            self.rows_stack.setCurrentWidget(self.table)
         headers, rows = preview_table(info)
         self.table.clear()
         self.table.setColumnCount(len(headers))
@@ -295,23 +329,37 @@ class DataPage(WizardPage):
     def set_max_len(self, max_len: int) -> None:
         """Called when the max length changes on the Adapter page: move the line and recount what gets cut."""
         self.histogram.set_max_len(max_len)
+        self.editor.set_max_len(max_len)
         self.update_summary()
 
     def update_summary(self) -> None:
         info = self.context.dataset
-        if info is None:
+        editing = self.rows_stack.currentWidget() is self.editor and self.editor.model.rows
+        if info is None and not editing:
             self.summary.clear()
             return
-        lengths = info.report.token_lengths
+        if editing:  # the rows as edited, which may differ from the file
+            lengths = self.editor.current_lengths() or [0]
+            rows = len(self.editor.model.rows)
+            usable = self.editor.report.usable if self.editor.report else rows
+        else:
+            lengths, rows, usable = info.report.token_lengths, info.report.rows, info.report.usable_rows
         cut = self.histogram.cut_count()
+        unsaved = ""
+        if self.editor.dirty:
+            origin = f"converted from {self._converted_from}, " if self._converted_from else ""
+            unsaved = f"<span style='color:#b7791f'><b>Not saved</b> ({origin}use Save as… to train on it)</span> · "
         self.summary.setText(
-            f"<b>{info.report.rows:,} examples</b> ({info.report.usable_rows:,} with a reply to learn from) · "
+            unsaved + f"<b>{rows:,} examples</b> ({usable:,} with a reply to learn from) · "
             f"tokens per example: median {statistics.median(lengths):.0f}, longest {max(lengths):,} · "
             + (f"<span style='color:#b7791f'><b>{cut:,}</b> longer than the max length "
                f"({self.histogram.max_len}) will be cut</span>" if cut else
                f"all fit in the max length ({self.histogram.max_len})"))
 
     def validate(self) -> str | None:
+        if self.editor.dirty:
+            return ("You changed the examples here: save them with Save as… (training reads a file), "
+                    "or undo the changes.")
         if not self.path_field.text():
             return "Choose a dataset file (or drop one on this page)."
         if self.context.dataset is None:
@@ -319,6 +367,71 @@ class DataPage(WizardPage):
         if self.context.dataset.report.usable_rows == 0:
             return "No example has an assistant reply within the max length; raise the max length on the next page."
         return None
+
+    # Editing
+
+    def _analysed(self, report) -> None:
+        """The editor re-checked every row: redraw the lengths, the summary and the validation report."""
+        self.histogram.show_lengths(self.editor.current_lengths(), self._max_len())
+        self.checks.setText("<br>".join(f"⚠ {warning}" for warning in report.warnings()))
+        self.update_summary()
+
+    def _show_example(self, messages) -> None:
+        """The masking preview follows the selected example, and its edits."""
+        tokenizer = self.context.model.tokenizer if self.context.model is not None else None
+        if not messages or tokenizer is None:
+            self.example.show_segments([])
+            return
+        from app.core.data import example_segments
+        from app.core.errors import TailorError
+
+        try:
+            self.example.show_segments(example_segments(tokenizer, messages, self._system_prompt(), self._max_len()))
+        except TailorError as exc:  # a template that refuses this turn order: say so where the preview would be
+            self.example.show_segments([(exc.message, False)])
+
+    def _saved_as(self, path: str) -> None:
+        self.banner.show_message(f"Saved {len(self.editor.model.rows):,} examples to {path}.",
+                                 "Training will use this file.", tone="success")
+        self.set_path(path)
+
+    def _ask_convert(self) -> None:
+        dialog = ConvertDialog(self)
+        if dialog.exec() == QDialog.DialogCode.Accepted:
+            self.convert(**dialog.request())
+
+    def convert(self, path: str, source: str, persona: str, gap_hours: float, anonymise: bool) -> None:
+        """Convert a chat export on a worker thread and open the result in the editor, unsaved."""
+        if self.context.model is None:
+            self.banner.show_message("Choose a base model first: the examples are counted with its tokenizer.")
+            return
+        from app.core.converters import convert_export
+        from app.core.dataset_edit import token_lengths
+
+        tokenizer, system_prompt = self.context.model.tokenizer, self._system_prompt()
+
+        def work(report):
+            conversion = convert_export(path, source, persona, gap_hours, anonymise)
+            report(f"Counting tokens in {len(conversion.examples):,} examples…")
+            conversations = [example["messages"] for example in conversion.examples]
+            return conversion, conversations, token_lengths(tokenizer, conversations, system_prompt)
+
+        self.run_job(work, f"Converting {Path(path).name}…", self._converted)
+
+    def _converted(self, result) -> None:
+        conversion, conversations, lengths = result
+        self.context.dataset = None
+        self._converted_from = Path(conversion.report.path).name
+        self.rows_stack.setCurrentWidget(self.editor)
+        self.columns_row.hide()
+        self.detected.clear()
+        self.editor.set_examples(conversations, lengths, self._max_len(), self.context.model.tokenizer,
+                                 self._system_prompt(), dirty=True)
+        self.path_field.edit.clear()  # the file shown before is not what the editor holds now
+        self.banner.show_message(" · ".join(conversion.report.to_text().splitlines()),
+                                 "Check the examples, then Save as… to train on them.", tone="info")
+        self.histogram.show_lengths(lengths, self._max_len())
+        self.update_summary()
 
     def advance(self, proceed: Callable[[], None]) -> None:
         if not self.is_busy and self.path_field.text() and self._loaded_request() != self._request():

@@ -1,0 +1,766 @@
+"""The dataset editor on the Dataset page: a table of examples to edit, filter, dedupe and save as chat JSONL.
+
+Model/view all the way down, so 50,000 rows stay responsive: `ExamplesModel` shows rows in batches (Qt asks for more
+through canFetchMore/fetchMore as the user scrolls), and every change goes through a QUndoStack command, so edit,
+delete and add can all be undone. The work that looks at every row (duplicates, the validation report) runs on a
+worker thread a moment after the last edit (`DatasetEditor.analysis_ready`); a row's token count is recounted on its
+own when it changes, which takes a millisecond or two.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence, QUndoCommand, QUndoStack
+from PySide6.QtWidgets import (
+    QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+    QHBoxLayout, QHeaderView, QLabel, QPlainTextEdit, QPushButton, QSplitter, QStyledItemDelegate, QTableView,
+    QVBoxLayout, QWidget,
+)
+
+from app.core.converters import DEFAULT_GAP_HOURS, SOURCES, guess_source, speakers_in
+from app.core.data import Messages
+from app.core.dataset_edit import FILTERS, EditorReport, analyse, has_reply, save_chat_jsonl, token_lengths
+from app.gui import settings
+from app.gui.style import BAD, WARN
+from app.gui.workers import Job, run_function
+
+FETCH_BATCH = 500
+ANALYSE_DELAY_MS = 400
+"""Wait this long after the last edit before re-checking every row: typing should not start a scan per key."""
+CELL_CHARS = 160
+COLUMNS = ("#", "User", "Assistant", "Turns", "Tokens", "Check")
+USER, ASSISTANT, TURNS, TOKENS, CHECK = 1, 2, 3, 4, 5
+JSONL_FILTER = "Chat JSONL (*.jsonl);;All files (*)"
+SOURCE_NAMES = {"whatsapp": "WhatsApp chat (.txt export)", "telegram": "Telegram Desktop (result.json)",
+                "discord": "Discord (DiscordChatExporter JSON)", "transcript": "Transcript or script ('Name: line')"}
+_row_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Row:
+    """One example. Rows are objects, not indices, so undo finds the same row after other rows came and went."""
+
+    messages: Messages
+    length: int | None = None
+    """Tokens as training renders it; None until counted."""
+    uid: int = field(default_factory=lambda: next(_row_ids))
+
+
+def first_text(messages: Messages, role: str) -> tuple[int | None, str]:
+    """The position and text of the first turn of `role` (None, '' when there is none)."""
+    return next(((i, m["content"]) for i, m in enumerate(messages) if m["role"] == role), (None, ""))
+
+
+def one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= CELL_CHARS else flat[: CELL_CHARS - 1] + "…"
+
+
+class ExamplesModel(QAbstractTableModel):
+    """All rows (`rows`), the ones the current filter shows (`visible`), and how many of those Qt has fetched."""
+
+    changed = Signal()
+    """Any edit: rows added, removed or changed."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.rows: list[Row] = []
+        self.visible: list[Row] = []
+        self.fetched = 0
+        self.notes: dict[int, str] = {}
+        """Row uid → what the last analysis found wrong with it ('no reply', 'duplicate of #12', 'too long')."""
+        self.max_len = 512
+        self.recount: Callable[[Messages], int] | None = None
+        self._numbers: dict[int, int] | None = None
+        self.undo_stack = QUndoStack(self)
+
+    # Loading and filtering
+
+    def set_examples(self, conversations: Sequence[Messages], lengths: Sequence[int | None] | None = None) -> None:
+        lengths = list(lengths) if lengths is not None and len(lengths) == len(conversations) else [None] * len(conversations)
+        self.beginResetModel()
+        self.rows = [Row(list(messages), length) for messages, length in zip(conversations, lengths)]
+        self.visible = list(self.rows)
+        self.fetched = min(FETCH_BATCH, len(self.visible))
+        self.notes = {}
+        self._numbers = None
+        self.endResetModel()
+        self.undo_stack.clear()
+
+    def show_only(self, rows: list[Row] | None) -> None:
+        """Show these rows (in table order), or all of them for None."""
+        self.beginResetModel()
+        self.visible = list(self.rows) if rows is None else rows
+        self.fetched = min(FETCH_BATCH, len(self.visible))
+        self.endResetModel()
+
+    def conversations(self) -> list[Messages]:
+        return [row.messages for row in self.rows]
+
+    # Qt's model interface
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else self.fetched
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def canFetchMore(self, parent=QModelIndex()) -> bool:
+        return not parent.isValid() and self.fetched < len(self.visible)
+
+    def fetchMore(self, parent=QModelIndex()) -> None:
+        more = min(FETCH_BATCH, len(self.visible) - self.fetched)
+        if more <= 0:
+            return
+        self.beginInsertRows(QModelIndex(), self.fetched, self.fetched + more - 1)
+        self.fetched += more
+        self.endInsertRows()
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return COLUMNS[section]
+        return None
+
+    def flags(self, index: QModelIndex):
+        base = super().flags(index)
+        return base | Qt.ItemFlag.ItemIsEditable if index.column() in (USER, ASSISTANT) else base
+
+    def row_at(self, index: QModelIndex) -> Row:
+        return self.visible[index.row()]
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or index.row() >= self.fetched:
+            return None
+        row, column = self.visible[index.row()], index.column()
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole, Qt.ItemDataRole.ToolTipRole):
+            if column == 0:
+                return str(self.number_of(row)) if role == Qt.ItemDataRole.DisplayRole else None
+            if column in (USER, ASSISTANT):
+                text = first_text(row.messages, "user" if column == USER else "assistant")[1]
+                return one_line(text) if role == Qt.ItemDataRole.DisplayRole else text
+            if column == TURNS:
+                return str(len(row.messages))
+            if column == TOKENS:
+                return "…" if row.length is None else f"{row.length:,}"
+            if column == CHECK:
+                return self.notes.get(row.uid, "")
+        if role == Qt.ItemDataRole.ForegroundRole:
+            from PySide6.QtGui import QColor
+
+            if column == TOKENS and row.length is not None and row.length > self.max_len:
+                return QColor(WARN)
+            if column == CHECK and row.uid in self.notes:
+                return QColor(BAD)
+        if role == Qt.ItemDataRole.TextAlignmentRole and column in (0, TURNS, TOKENS):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    def setData(self, index: QModelIndex, value: Any, role=Qt.ItemDataRole.EditRole) -> bool:
+        if role != Qt.ItemDataRole.EditRole or index.column() not in (USER, ASSISTANT):
+            return False
+        row = self.visible[index.row()]
+        role_name = "user" if index.column() == USER else "assistant"
+        position, old = first_text(row.messages, role_name)
+        if position is None:
+            if not str(value).strip():
+                return False
+            self.undo_stack.push(AddTurn(self, row, role_name, str(value)))
+        elif str(value) != old:
+            self.undo_stack.push(EditTurn(self, row, position, str(value)))
+        return True
+
+    # Changes (called by the undo commands, which alone change rows)
+
+    def set_turn(self, row: Row, position: int, text: str) -> None:
+        messages = [dict(message) for message in row.messages]  # a new list: analysis snapshots keep the old one
+        messages[position]["content"] = text
+        self._replace(row, messages)
+
+    def set_messages(self, row: Row, messages: Messages) -> None:
+        self._replace(row, messages)
+
+    def _replace(self, row: Row, messages: Messages) -> None:
+        row.messages = messages
+        row.length = self.recount(messages) if self.recount else None
+        self.notes.pop(row.uid, None)
+        if row in self.visible[: self.fetched]:
+            at = self.visible.index(row)
+            self.dataChanged.emit(self.index(at, 0), self.index(at, len(COLUMNS) - 1))
+        self.changed.emit()
+
+    def insert(self, positions: list[tuple[int, Row]]) -> None:
+        """Put rows back at their positions in `rows` (ascending), showing them whatever the filter."""
+        if len(positions) == 1:
+            (position, row), = positions
+            self.rows.insert(position, row)
+            self._numbers = None
+            self._count_if_needed(row)
+            at = self._visible_position(row)
+            if at <= self.fetched:
+                self.beginInsertRows(QModelIndex(), at, at)
+                self.visible.insert(at, row)
+                self.fetched += 1
+                self.endInsertRows()
+            else:
+                self.visible.insert(at, row)
+        else:  # many rows at once (undoing a bulk delete): one reset is cheaper than a signal per row
+            self.beginResetModel()
+            for position, row in positions:
+                self.rows.insert(position, row)
+                self._count_if_needed(row)
+            self._numbers = None
+            shown = {id(row) for row in self.visible} | {id(row) for _, row in positions}
+            self.visible = [row for row in self.rows if id(row) in shown]
+            self.fetched = min(len(self.visible), self.fetched + len(positions))
+            self.endResetModel()
+        self.changed.emit()
+
+    def remove(self, rows: list[Row]) -> list[tuple[int, Row]]:
+        """Take rows out; returns their (position, row) pairs, ascending, for putting them back."""
+        order = self._order()
+        positions = sorted(((order[id(row)], row) for row in rows), key=lambda pair: pair[0])
+        gone = {id(row) for row in rows}
+        if len(rows) == 1 and rows[0] in self.visible[: self.fetched]:
+            at = self.visible.index(rows[0])
+            self.beginRemoveRows(QModelIndex(), at, at)
+            self.rows.remove(rows[0])
+            self.visible.pop(at)
+            self.fetched -= 1
+            self._numbers = None
+            self.endRemoveRows()
+        else:
+            self.beginResetModel()
+            self.fetched -= sum(1 for row in self.visible[: self.fetched] if id(row) in gone)
+            self.rows = [row for row in self.rows if id(row) not in gone]
+            self.visible = [row for row in self.visible if id(row) not in gone]
+            self._numbers = None
+            self.endResetModel()
+        self.changed.emit()
+        return positions
+
+    def _count_if_needed(self, row: Row) -> None:
+        if row.length is None and self.recount:
+            row.length = self.recount(row.messages)
+
+    def _order(self) -> dict[int, int]:
+        """id(row) → its 0-based position in the dataset, rebuilt only after rows came or went."""
+        if self._numbers is None:
+            self._numbers = {id(row): i for i, row in enumerate(self.rows)}
+        return self._numbers
+
+    def number_of(self, row: Row) -> int:
+        """The row's 1-based position in the whole dataset (what the '#' column and the notes cite)."""
+        return self._order()[id(row)] + 1
+
+    def _visible_position(self, row: Row) -> int:
+        """Where a row goes among the visible ones: after the visible rows that come before it in the dataset."""
+        order = self._order()
+        mine = order[id(row)]
+        return sum(1 for candidate in self.visible if order.get(id(candidate), -1) < mine)
+
+    def apply_report(self, snapshot: list[Row], report: EditorReport) -> None:
+        """Show what an analysis of `snapshot` found; rows edited since then lost their note when they changed."""
+        notes = {}
+        for index in report.no_reply:
+            notes[snapshot[index].uid] = "no assistant reply"
+        for index, original in enumerate(report.duplicate_of):
+            if original is not None:
+                notes[snapshot[index].uid] = f"duplicate of #{self._position_or_none(snapshot[original])}"
+        self.notes = {uid: note for uid, note in notes.items()}
+        if self.fetched:
+            self.dataChanged.emit(self.index(0, CHECK), self.index(self.fetched - 1, CHECK))
+
+    def _position_or_none(self, row: Row) -> str:
+        return str(self._order()[id(row)] + 1) if id(row) in self._order() else "?"
+
+
+class EditTurn(QUndoCommand):
+    def __init__(self, model: ExamplesModel, row: Row, position: int, text: str):
+        super().__init__(f"Edit turn {position + 1}")
+        self.model, self.row, self.position = model, row, position
+        self.old, self.new = row.messages[position]["content"], text
+
+    def redo(self) -> None:
+        self.model.set_turn(self.row, self.position, self.new)
+
+    def undo(self) -> None:
+        self.model.set_turn(self.row, self.position, self.old)
+
+
+class AddTurn(QUndoCommand):
+    """An example had no turn of this role (a prompt with no reply): give it one."""
+
+    def __init__(self, model: ExamplesModel, row: Row, role: str, text: str):
+        super().__init__(f"Add a {role} turn")
+        self.model, self.row = model, row
+        self.old, self.new = row.messages, row.messages + [{"role": role, "content": text}]
+
+    def redo(self) -> None:
+        self.model.set_messages(self.row, self.new)
+
+    def undo(self) -> None:
+        self.model.set_messages(self.row, self.old)
+
+
+class DeleteExamples(QUndoCommand):
+    def __init__(self, model: ExamplesModel, rows: list[Row]):
+        super().__init__(f"Delete {len(rows)} example(s)")
+        self.model, self.rows = model, rows
+        self.positions: list[tuple[int, Row]] = []
+
+    def redo(self) -> None:
+        self.positions = self.model.remove(self.rows)
+
+    def undo(self) -> None:
+        self.model.insert(self.positions)
+
+
+class AddExample(QUndoCommand):
+    def __init__(self, model: ExamplesModel, row: Row, position: int):
+        super().__init__("Add an example")
+        self.model, self.row, self.position = model, row, position
+
+    def redo(self) -> None:
+        self.model.insert([(self.position, self.row)])
+
+    def undo(self) -> None:
+        self.model.remove([self.row])
+
+
+class MultiLineDelegate(QStyledItemDelegate):
+    """Turns hold paragraphs: edit them in a text box that keeps line breaks (Ctrl+Enter or leaving it commits)."""
+
+    def createEditor(self, parent, option, index):
+        editor = QPlainTextEdit(parent)
+        editor.setMinimumHeight(90)
+        return editor
+
+    def setEditorData(self, editor, index) -> None:
+        editor.setPlainText(index.data(Qt.ItemDataRole.EditRole) or "")
+
+    def setModelData(self, editor, model, index) -> None:
+        model.setData(index, editor.toPlainText(), Qt.ItemDataRole.EditRole)
+
+    def updateEditorGeometry(self, editor, option, index) -> None:
+        rect = option.rect
+        rect.setHeight(max(rect.height(), 90))
+        editor.setGeometry(rect)
+
+
+class TurnsModel(QAbstractTableModel):
+    """Every turn of the selected example, each editable; edits go through the examples' undo stack."""
+
+    def __init__(self, examples: ExamplesModel, parent=None):
+        super().__init__(parent)
+        self.examples = examples
+        self.row: Row | None = None
+
+    def show_row(self, row: Row | None) -> None:
+        self.beginResetModel()
+        self.row = row
+        self.endResetModel()
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() or self.row is None else len(self.row.messages)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 2
+
+    def headerData(self, section, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return ("Role", "Text")[section]
+        return None
+
+    def flags(self, index):
+        base = super().flags(index)
+        return base | Qt.ItemFlag.ItemIsEditable if index.column() == 1 else base
+
+    def data(self, index, role=Qt.ItemDataRole.DisplayRole):
+        if self.row is None or not index.isValid() or index.row() >= len(self.row.messages):
+            return None
+        message = self.row.messages[index.row()]
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
+            return message["role"] if index.column() == 0 else message["content"]
+        return None
+
+    def setData(self, index, value, role=Qt.ItemDataRole.EditRole) -> bool:
+        if self.row is None or role != Qt.ItemDataRole.EditRole or index.column() != 1:
+            return False
+        if str(value) != self.row.messages[index.row()]["content"]:
+            self.examples.undo_stack.push(EditTurn(self.examples, self.row, index.row(), str(value)))
+        return True
+
+    def refresh(self) -> None:
+        self.beginResetModel()
+        self.endResetModel()
+
+
+class DatasetEditor(QWidget):
+    """Toolbar (filter, add, delete, undo, redo, save as), the examples table and the selected example's turns."""
+
+    analysis_ready = Signal(object)
+    """An EditorReport for the rows as they are now (histogram, summary and warnings follow it)."""
+    selection_changed = Signal(object)
+    """The selected example's messages (or None): the masking preview shows it."""
+    saved = Signal(str)
+    save_failed = Signal(object)
+    """A Failure from Save as…"""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.model = ExamplesModel(self)
+        self.turns = TurnsModel(self.model, self)
+        self.report: EditorReport | None = None
+        self.dirty = False
+        """Edited (or converted) since it was loaded or saved: training would not see these rows yet."""
+        self._analysis: Job | None = None
+        self._analyse_again = False
+        self._snapshot: list[Row] = []
+        self._save_job: Job | None = None
+        self._tokenizer = None
+        self._system_prompt: str | None = None
+
+        self.filter = QComboBox()
+        for key, caption in FILTERS.items():
+            self.filter.addItem(caption, key)
+        self.filter.setToolTip("Show only the examples with a problem, to fix or delete them.")
+        self.add_button = QPushButton("Add example")
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.setShortcut(QKeySequence.StandardKey.Delete)
+        self.undo_button = QPushButton("Undo")
+        self.redo_button = QPushButton("Redo")
+        self.save_button = QPushButton("Save as…")
+        self.save_button.setToolTip("Write the examples as they are now to a chat JSONL file (the original stays as it was).")
+        self.count = QLabel()
+        self.count.setObjectName("muted")
+
+        self.table = QTableView()
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed)
+        self.table.setItemDelegate(MultiLineDelegate(self.table))
+        self.table.setWordWrap(False)
+        self.table.setAcceptDrops(False)
+        self.table.verticalHeader().hide()
+        # Fixed row height: Qt then never measures rows, which is what keeps 50,000 of them cheap.
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Fixed)
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        for column, width in ((0, 48), (TURNS, 48), (TOKENS, 60), (CHECK, 130)):
+            self.table.setColumnWidth(column, width)
+        header.setSectionResizeMode(USER, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(ASSISTANT, QHeaderView.ResizeMode.Stretch)
+        self.turns_view = QTableView()
+        self.turns_view.setModel(self.turns)
+        self.turns_view.setItemDelegate(MultiLineDelegate(self.turns_view))
+        self.turns_view.setWordWrap(True)
+        self.turns_view.verticalHeader().hide()
+        self.turns_view.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.turns_view.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        self.turns_view.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.turns_view.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed)
+        self.turns_view.setAcceptDrops(False)
+
+        bar = QHBoxLayout()
+        bar.setContentsMargins(0, 0, 0, 0)
+        bar.addWidget(self.filter)
+        bar.addWidget(self.count, 1)
+        for button in (self.add_button, self.delete_button, self.undo_button, self.redo_button, self.save_button):
+            bar.addWidget(button)
+        turns_caption = QLabel("Turns of the selected example (double-click a text to edit it)")
+        turns_caption.setObjectName("muted")
+        turns_box = QWidget()
+        turns_layout = QVBoxLayout(turns_box)
+        turns_layout.setContentsMargins(0, 0, 0, 0)
+        turns_layout.addWidget(turns_caption)
+        turns_layout.addWidget(self.turns_view, 1)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(turns_box)
+        split.setSizes([300, 160])
+        split.setChildrenCollapsible(False)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(bar)
+        layout.addWidget(split, 1)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(ANALYSE_DELAY_MS)
+        self._timer.timeout.connect(self._analyse)
+        self.filter.currentIndexChanged.connect(self._apply_filter)
+        self.add_button.clicked.connect(self.add_example)
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.undo_button.clicked.connect(self.model.undo_stack.undo)
+        self.redo_button.clicked.connect(self.model.undo_stack.redo)
+        self.model.undo_stack.canUndoChanged.connect(self.undo_button.setEnabled)
+        self.model.undo_stack.canRedoChanged.connect(self.redo_button.setEnabled)
+        self.save_button.clicked.connect(self._save_as)
+        self.model.changed.connect(self._edited)
+        self.model.modelReset.connect(self._selection_moved)
+        self.table.selectionModel().currentRowChanged.connect(self._selection_moved)
+        self._update_buttons()
+
+    # Loading
+
+    def set_examples(self, conversations: Sequence[Messages], lengths: Sequence[int] | None, max_len: int,
+                     tokenizer, system_prompt: str | None, dirty: bool = False) -> None:
+        """Show a dataset; `dirty` when it exists only here so far (a conversion not saved yet)."""
+        self._tokenizer, self._system_prompt = tokenizer, system_prompt
+        self.model.max_len = max_len
+        self.model.recount = self._count_tokens if tokenizer is not None else None
+        self.filter.blockSignals(True)
+        self.filter.setCurrentIndex(0)
+        self.filter.blockSignals(False)
+        self.model.set_examples(conversations, lengths)
+        self.dirty = dirty
+        self.report = None
+        self._update_buttons()
+        if self.model.rows:
+            self.table.selectRow(0)
+        self._analyse_soon()
+
+    def clear(self) -> None:
+        self.model.set_examples([])
+        self.turns.show_row(None)
+        self.report = None
+        self.dirty = False
+        self._update_buttons()
+
+    def set_max_len(self, max_len: int) -> None:
+        self.model.max_len = max_len
+        self._analyse_soon()
+
+    def _count_tokens(self, messages: Messages) -> int:
+        return token_lengths(self._tokenizer, [messages], self._system_prompt)[0]
+
+    # Editing
+
+    def selected_rows(self) -> list[Row]:
+        return [self.model.row_at(index) for index in self.table.selectionModel().selectedRows()]
+
+    def delete_selected(self) -> None:
+        rows = self.selected_rows()
+        if rows:
+            self.model.undo_stack.push(DeleteExamples(self.model, rows))
+
+    def add_example(self) -> None:
+        """A new empty user/assistant pair after the selection (or at the end), selected and ready to type into."""
+        selected = self.selected_rows()
+        position = self.model.number_of(selected[-1]) if selected else len(self.model.rows)
+        row = Row([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])
+        self.model.undo_stack.push(AddExample(self.model, row, position))
+        at = self.model.visible.index(row)
+        while at >= self.model.fetched and self.model.canFetchMore():
+            self.model.fetchMore()
+        self.table.selectRow(at)
+        self.table.scrollTo(self.model.index(at, USER))
+
+    def _edited(self) -> None:
+        self.dirty = True
+        self._update_buttons()
+        self._selection_moved()
+        self._analyse_soon()
+
+    def _apply_filter(self) -> None:
+        key = self.filter.currentData()
+        if key == "all" or self.report is None:
+            self.model.show_only(None)
+        else:
+            wanted = {id(self._snapshot[index]) for index in self.report.rows_for(key)}
+            self.model.show_only([row for row in self.model.rows if id(row) in wanted])
+        self._update_buttons()
+
+    def _selection_moved(self, *_) -> None:
+        current = self.table.selectionModel().currentIndex()
+        row = self.model.row_at(current) if current.isValid() and current.row() < self.model.fetched else None
+        self.turns.show_row(row)
+        self.selection_changed.emit(row.messages if row else None)
+
+    def _update_buttons(self) -> None:
+        total, shown = len(self.model.rows), len(self.model.visible)
+        self.count.setText(f"{total:,} examples" if shown == total else f"{shown:,} of {total:,} examples")
+        self.delete_button.setEnabled(shown > 0)
+        self.undo_button.setEnabled(self.model.undo_stack.canUndo())
+        self.redo_button.setEnabled(self.model.undo_stack.canRedo())
+        self.save_button.setEnabled(total > 0)
+
+    # Checking every row, off the GUI thread
+
+    def _analyse_soon(self) -> None:
+        self._timer.start()
+
+    def _analyse(self) -> None:
+        if self._analysis is not None:
+            self._analyse_again = True  # one scan at a time; the latest edits get the next one
+            return
+        snapshot = list(self.model.rows)
+        conversations = [row.messages for row in snapshot]
+        uncounted = [i for i, row in enumerate(snapshot) if row.length is None]
+        tokenizer, system_prompt, max_len = self._tokenizer, self._system_prompt, self.model.max_len
+
+        def work(report):
+            lengths = [row.length for row in snapshot]
+            if uncounted and tokenizer is not None:
+                counted = token_lengths(tokenizer, [conversations[i] for i in uncounted], system_prompt)
+                for i, length in zip(uncounted, counted):
+                    lengths[i] = length
+            return analyse(conversations, [length or 0 for length in lengths], max_len), lengths
+
+        self._analysis = run_function(work)
+        self._analysis.succeeded.connect(lambda result: self._analysed(snapshot, *result))
+        self._analysis.failed.connect(lambda failure: self.save_failed.emit(failure))
+        self._analysis.finished.connect(self._analysis_ended)
+
+    def _analysed(self, snapshot: list[Row], report: EditorReport, lengths: list[int]) -> None:
+        for row, length in zip(snapshot, lengths):
+            if row.length is None:
+                row.length = length
+        self._snapshot = snapshot
+        self.report = report
+        self.model.apply_report(snapshot, report)
+        if self.filter.currentData() != "all":
+            self._apply_filter()
+        self.analysis_ready.emit(report)
+
+    def _analysis_ended(self) -> None:
+        self._analysis = None
+        if self._analyse_again:
+            self._analyse_again = False
+            self._analyse()
+
+    def current_lengths(self) -> list[int]:
+        return [row.length for row in self.model.rows if row.length is not None]
+
+    @property
+    def is_busy(self) -> bool:
+        return self._analysis is not None or self._timer.isActive() or self._save_job is not None
+
+    # Saving
+
+    def _save_as(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the dataset as", settings.last_folder(), JSONL_FILTER)
+        if path:
+            if not path.endswith(".jsonl"):
+                path += ".jsonl"
+            settings.remember_folder_of(path)
+            self.save_to(path)
+
+    def save_to(self, path: str) -> None:
+        """Write the rows as they are now, on a worker thread (atomically: a failure leaves any old file whole)."""
+        conversations = self.model.conversations()
+        self._save_job = run_function(lambda report: str(save_chat_jsonl(path, conversations)))
+        self._save_job.succeeded.connect(self._saved)
+        self._save_job.failed.connect(self.save_failed)
+        self._save_job.finished.connect(lambda: setattr(self, "_save_job", None))
+
+    def _saved(self, path: str) -> None:
+        self.dirty = False
+        self.model.undo_stack.setClean()
+        self.saved.emit(path)
+
+
+class ConvertDialog(QDialog):
+    """Pick a chat export (or transcript/script), its kind, and who the persona is; the page then converts it.
+
+    Reading who speaks runs on a worker thread: a few years of WhatsApp history is megabytes of text.
+    """
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        from app.gui.wizard.widgets import PathField  # here, not at the top: the wizard package imports this module
+
+        self.setWindowTitle("Make a dataset from a chat")
+        self.path_field = PathField("A WhatsApp .txt, Telegram result.json, Discord JSON or a transcript…", self._browse)
+        self.source = QComboBox()
+        for key in SOURCES:
+            self.source.addItem(SOURCE_NAMES[key], key)
+        self.persona = QComboBox(editable=True)
+        self.persona.setToolTip("Whose messages the persona learns to write; the list shows who speaks, most active first.")
+        self.gap = QDoubleSpinBox(minimum=0.1, maximum=24 * 30, value=DEFAULT_GAP_HOURS, decimals=1, suffix=" h")
+        self.gap.setToolTip("A silence this long starts a new conversation (each conversation is one example).")
+        self.anonymise = QCheckBox("Replace the other people's names and phone numbers with placeholders")
+        self.anonymise.setChecked(True)
+        self.status = QLabel()
+        self.status.setObjectName("muted")
+        self.status.setWordWrap(True)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Convert")
+        form = QFormLayout(self)
+        form.addRow("Export file", self.path_field)
+        form.addRow("Kind", self.source)
+        form.addRow("Persona", self.persona)
+        form.addRow("New conversation after", self.gap)
+        form.addRow("", self.anonymise)
+        form.addRow(self.status)
+        form.addRow(self.buttons)
+        self.resize(620, self.sizeHint().height())
+        self._job: Job | None = None
+        self.path_field.edit.editingFinished.connect(self._file_chosen)
+        self.source.activated.connect(self._read_speakers)
+        self.buttons.accepted.connect(self._accept)
+        self.buttons.rejected.connect(self.reject)
+
+    def _browse(self) -> str:
+        return QFileDialog.getOpenFileName(self, "Choose a chat export", settings.last_folder(),
+                                           "Chat exports (*.txt *.json);;All files (*)")[0]
+
+    def choose(self, path: str, source: str | None = None) -> None:
+        self.path_field.edit.setText(path)
+        self._file_chosen(source)
+
+    def _file_chosen(self, source: str | None = None) -> None:
+        path = self.path_field.text()
+        if not path or not Path(path).is_file():
+            return
+        try:
+            guessed = source or guess_source(path)
+        except OSError as exc:
+            self.status.setText(f"Cannot read {Path(path).name}: {exc}")
+            return
+        self.source.setCurrentIndex(self.source.findData(guessed))
+        self._read_speakers()
+
+    def _read_speakers(self) -> None:
+        path, source = self.path_field.text(), self.source.currentData()
+        if not path:
+            return
+        self.status.setText(f"Reading who speaks in {Path(path).name}…")
+        self._job = run_function(lambda report: speakers_in(path, source))
+        self._job.succeeded.connect(self._speakers_read)
+        self._job.failed.connect(lambda failure: self.status.setText(
+            failure.message + (f"\n{failure.hint}" if failure.hint else "")))
+        self._job.finished.connect(lambda: setattr(self, "_job", None))
+
+    def _speakers_read(self, speakers) -> None:
+        typed = self.persona.currentText()
+        self.persona.clear()
+        for name, count in speakers.most_common(200):
+            self.persona.addItem(f"{name}", name)
+            self.persona.setItemData(self.persona.count() - 1, f"{count:,} messages", Qt.ItemDataRole.ToolTipRole)
+        # Usually the person exporting is one of the two most active; the user picks which.
+        self.persona.setCurrentText(typed if typed and typed in speakers else "")
+        self.status.setText(f"{len(speakers):,} people speak: " + ", ".join(
+            f"{name} ({count:,})" for name, count in speakers.most_common(6)) + (" …" if len(speakers) > 6 else ""))
+
+    def _accept(self) -> None:
+        if not self.path_field.text() or not self.persona.currentText().strip():
+            self.status.setText("Choose the export file and the persona (whose replies to learn).")
+            return
+        self.accept()
+
+    def request(self) -> dict:
+        return {"path": self.path_field.text(), "source": self.source.currentData(),
+                "persona": self.persona.currentText().strip(), "gap_hours": self.gap.value(),
+                "anonymise": self.anonymise.isChecked()}
+
+    def done(self, result: int) -> None:
+        if self._job is not None:
+            self._job.wait(5000)  # a thread must not outlive the dialog's signals
+        super().done(result)
