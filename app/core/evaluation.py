@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from app.core.chat import BASE, ChatSession, GenerationSettings
+from app.core.chat import BASE, ChatSession, GenerationSettings, StopFlag
 from app.core.data import Messages, load_dataset_file, tokenize_conversation, with_system_prompt
 from app.core.errors import DatasetError, TailorError
 from app.core.library import AdapterEntry, Library
@@ -48,6 +48,10 @@ MAX_PROMPTS = 12
 LOSS_MAX_LEN = 1024
 
 Progress = Callable[[str], None]
+
+
+class EvaluationStopped(TailorError):
+    """The user stopped the evaluation (closed the card); nothing was saved."""
 
 
 # The prompts
@@ -436,11 +440,13 @@ def held_out_loss(session: ChatSession, choice: str, prompts: Sequence[EvalPromp
 
 def build_report_card(session: ChatSession, persona: str, prompts: Sequence[EvalPrompt], style_references: Sequence[str],
                       knowledge: Sequence[KnowledgeQuestion] = (), prompt_source: str = "given prompts",
-                      settings: GenerationSettings | None = None, progress: Progress | None = None) -> ReportCard:
+                      settings: GenerationSettings | None = None, progress: Progress | None = None,
+                      stop: StopFlag | None = None) -> ReportCard:
     """Ask base and persona every prompt and knowledge question, measure the held-out loss, and judge the replies.
 
     `style_references` are the persona's training replies (the style to recognise); without them the style column
-    reads n/a. `settings` default to the chat engine's defaults; the card fixes their seed either way.
+    reads n/a. `settings` default to the chat engine's defaults; the card fixes their seed either way. Setting
+    `stop` ends the work within a token and raises EvaluationStopped.
     """
     if not prompts:
         raise TailorError("There are no prompts to evaluate.", "Give at least one question.")
@@ -450,7 +456,10 @@ def build_report_card(session: ChatSession, persona: str, prompts: Sequence[Eval
     knowledge_settings = card_settings(settings, KNOWLEDGE_TOKENS)
 
     def answer(messages: Messages, choice: str, options: GenerationSettings) -> str:
-        return session.reply(with_system_prompt(messages, system_prompt), choice, options)
+        reply = "".join(session.stream(with_system_prompt(messages, system_prompt), choice, options, stop)).strip()
+        if stop is not None and stop.is_set():
+            raise EvaluationStopped("The evaluation was stopped before the card was complete.")
+        return reply
 
     answers: dict[str, list[str]] = {BASE: [], persona: []}
     for index, prompt in enumerate(prompts, 1):
@@ -487,7 +496,8 @@ def build_report_card(session: ChatSession, persona: str, prompts: Sequence[Eval
 
 
 def evaluate_adapter(session: ChatSession, library: Library, entry: AdapterEntry, prompts_file: str | Path | None = None,
-                     progress: Progress | None = None, knowledge: Sequence[KnowledgeQuestion] | None = None) -> ReportCard:
+                     progress: Progress | None = None, knowledge: Sequence[KnowledgeQuestion] | None = None,
+                     stop: StopFlag | None = None) -> ReportCard:
     """The card for a library adapter (opened in `session` here if it is not yet): its held-out prompts, or those
     in `prompts_file`; its training replies as the style to recognise; the shipped knowledge questions unless
     `knowledge` says otherwise."""
@@ -504,7 +514,7 @@ def evaluate_adapter(session: ChatSession, library: Library, entry: AdapterEntry
     # Measured as chat will talk: the persona's own recommended decoding where its manifest has one.
     settings = GenerationSettings().with_sampling(entry.sampling)
     return build_report_card(session, persona, prompts, references,
-                             knowledge_questions() if knowledge is None else knowledge, source, settings, progress)
+                             knowledge_questions() if knowledge is None else knowledge, source, settings, progress, stop)
 
 
 def save_report_card(library: Library, name: str, card: ReportCard) -> AdapterEntry:

@@ -21,6 +21,7 @@ from app.gui import settings
 from app.gui.chat_pane import ChatPane
 from app.gui.gpu_strip import GpuStrip
 from app.gui.library_panel import LibraryPanel
+from app.gui.report_card import close_report_cards, open_report_card
 from app.gui.style import app_icon, repolish
 from app.gui.training_panel import TrainingPanel
 from app.gui.wizard import TrainingWizard
@@ -187,6 +188,9 @@ class MainWindow(QMainWindow):
     def _adapter_ready(self, name: str) -> None:
         self.library_panel.refresh()
         self.statusBar().showMessage(f"“{name}” was added to the library.", 10000)
+        # The new persona's report card: how it compares with its base, computed while the user looks.
+        card = open_report_card(self.library, name, evaluate=True)
+        card.card_saved.connect(self.library_panel.refresh)
 
     def open_chat(self, name: str) -> None:
         self.tabs.setCurrentWidget(self.chat_pane)
@@ -204,4 +208,5 @@ class MainWindow(QMainWindow):
             return
         self.gpu_strip.stop()
         self.chat_pane.shutdown()
+        close_report_cards()
         super().closeEvent(event)

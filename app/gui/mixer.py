@@ -71,6 +71,12 @@ class PersonaMixer(QWidget):
         self.preview_button = QPushButton("Preview in chat")
         self.save_button = QPushButton("Save mix")
         self.save_button.setObjectName("primary")
+        self.card_button = QPushButton("Report card")
+        self.card_button.setToolTip("Score the last saved mix against the base: style, loops, knowledge.")
+        self.card_button.setEnabled(False)
+        self.saved_mix: str | None = None
+        """The mix saved last from here, which the Report card button evaluates."""
+        self._saving: str | None = None
 
         form = QFormLayout()
         form.addRow("Method", self.method)
@@ -78,6 +84,7 @@ class PersonaMixer(QWidget):
         form.addRow("Density", self.density)
         form.addRow("Name", self.name_edit)
         buttons = QHBoxLayout()
+        buttons.addWidget(self.card_button)
         buttons.addStretch(1)
         buttons.addWidget(self.preview_button)
         buttons.addWidget(self.save_button)
@@ -95,7 +102,8 @@ class PersonaMixer(QWidget):
         self.density.valueChanged.connect(self._validate)
         self.name_edit.textChanged.connect(self._validate)
         self.preview_button.clicked.connect(lambda: self._request(self.preview_requested))
-        self.save_button.clicked.connect(lambda: self._request(self.save_requested))
+        self.save_button.clicked.connect(lambda: self._request(self.save_requested, saving=True))
+        self.card_button.clicked.connect(self._open_report_card)
         self.refresh()
 
     @Slot()
@@ -108,6 +116,11 @@ class PersonaMixer(QWidget):
         for entry in self.entries.values():
             self._add_row(entry, *kept.get(entry.name, (False, 1.0)))
         self.empty_label.setVisible(not self.entries)
+        if self._saving and self.library.exists(self._saving):
+            # The chat pane refreshes the mixer once the mix it was asked to save is in the library.
+            self.saved_mix, self._saving = self._saving, None
+            self.card_button.setText(f"Report card for '{self.saved_mix}'")
+            self.card_button.setEnabled(True)
         if not self.name_edit.text() or self.library.exists(self.name_edit.text().strip()):
             self.name_edit.setText(self.library.unique_name("mix"))
         self._validate()
@@ -180,9 +193,18 @@ class PersonaMixer(QWidget):
         self.preview_button.setEnabled(problem is None)
         self.save_button.setEnabled(problem is None)
 
-    def _request(self, signal) -> None:
+    def _request(self, signal, saving: bool = False) -> None:
         if self.current_problem() is None:
+            if saving:
+                self._saving = self.name_edit.text().strip()
             signal.emit(self.name_edit.text().strip(), self.spec())
+
+    def _open_report_card(self) -> None:
+        """The same report card as for a trained persona, computed fresh for the saved mix."""
+        from app.gui.report_card import open_report_card
+
+        if self.saved_mix and self.library.exists(self.saved_mix):
+            open_report_card(self.library, self.saved_mix, evaluate=True)
 
 
 def _item(text: str) -> QTableWidgetItem:

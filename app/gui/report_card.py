@@ -7,6 +7,7 @@ base and generates some forty replies, which takes a minute or more on a CPU and
 from __future__ import annotations
 
 import html
+import threading
 
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QBrush, QColor
@@ -47,14 +48,14 @@ def reply_tags(style: bool | None, looping: bool, topical: bool | None) -> str:
     return " · ".join(tags) or "plain"
 
 
-def evaluate_in_worker(library: Library, name: str, prompts_file: str | None = None):
+def evaluate_in_worker(library: Library, name: str, prompts_file: str | None = None, stop: threading.Event | None = None):
     """The work a card's worker does: open the persona on its base at chat's precision, evaluate, save."""
 
     def work(report):
         entry = library.get_usable(name)
         base, quant = base_for([entry], None, None)
         session = ChatSession(base, quant, progress=report)
-        card = evaluate_adapter(session, library, entry, prompts_file, progress=report)
+        card = evaluate_adapter(session, library, entry, prompts_file, progress=report, stop=stop)
         save_report_card(library, name, card)
         return card
 
@@ -72,6 +73,7 @@ class ReportCardView(QWidget):
         self.library, self.name = library, name
         self.card: ReportCard | None = None
         self.job: Job | None = None
+        self._stop = threading.Event()
         self.setWindowTitle(f"Report card — {name}")
 
         self.title = QLabel(f"Report card: {html.escape(name)}")
@@ -198,7 +200,8 @@ class ReportCardView(QWidget):
         self.evaluate_button.setEnabled(False)
         self.banner.show_message("Evaluating… the base and the persona answer every question; this takes a minute "
                                  "or more on a CPU.", tone="info")
-        self.job = run_function(evaluate_in_worker(self.library, self.name, prompts_file))
+        self._stop.clear()
+        self.job = run_function(evaluate_in_worker(self.library, self.name, prompts_file, self._stop))
         self.job.event.connect(self._progress)
         self.job.succeeded.connect(self._evaluated)
         self.job.failed.connect(self._failed)
@@ -207,6 +210,11 @@ class ReportCardView(QWidget):
     @property
     def is_evaluating(self) -> bool:
         return self.job is not None
+
+    def closeEvent(self, event) -> None:
+        # A closed card needs no answers: the worker stops within a token instead of generating on unseen.
+        self._stop.set()
+        super().closeEvent(event)
 
     @Slot(object)
     def _progress(self, message) -> None:
@@ -226,7 +234,6 @@ class ReportCardView(QWidget):
     def _job_finished(self) -> None:
         self.job = None
         self.evaluate_button.setEnabled(True)
-
 
 
 _open_views: dict[tuple[str, str], ReportCardView] = {}
@@ -249,3 +256,9 @@ def open_report_card(library: Library, name: str, evaluate: bool = False) -> Rep
     if evaluate and not view.is_evaluating:
         view.evaluate()
     return view
+
+
+def close_report_cards() -> None:
+    """Close every open card window (the app is closing): their evaluations stop."""
+    for view in list(_open_views.values()):
+        view.close()

@@ -86,3 +86,58 @@ def test_report_card_screenshot(qtbot, tiny_library):
     qtbot.waitExposed(view)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     assert view.grab().save(str(SCREENSHOTS / "report-card.png"))
+
+
+def test_the_card_opens_and_evaluates_when_training_ends_and_closing_stops_it(qtbot, open_window, tiny_run):
+    from app.gui.report_card import _open_views
+    from app.gui.training_panel import FINISHED
+
+    window = open_window()
+    window.start_training(tiny_run("fresh", max_steps=2))
+    qtbot.waitUntil(lambda: window.training_panel.state == FINISHED, timeout=EVALUATION_TIMEOUT_MS)
+    view = _open_views[(str(window.library.root), "fresh")]
+    assert view.isVisible() and view.is_evaluating
+    qtbot.waitUntil(lambda: "Evaluating" in view.banner.plain_text, timeout=5000)
+    job = view.job
+    window.close()  # closing the app closes the card, which stops its evaluation within a token
+    qtbot.waitUntil(lambda: not job.running, timeout=60_000)
+    assert (str(window.library.root), "fresh") not in _open_views
+    assert saved_report_card(window.library.get("fresh")) is None, "a stopped evaluation saves nothing"
+
+
+def test_a_saved_mix_gets_the_same_card(qtbot, tiny_base, chat_jsonl, tiny_library):
+    """The mixer's Report card button evaluates the mix it saved last: the held-out prompts and the style of its
+    heaviest parent."""
+    from app.core.chat import ChatSession
+    from app.core.mixing import save_mix
+    from app.gui.mixer import PersonaMixer
+
+    run_training(RunConfig(name="other", system_prompt="You are a poet.", model=ModelSource(base=str(tiny_base), quant="4bit"),
+                           data=DataSettings(path=str(chat_jsonl), max_len=128), lora=LoraSettings(rank=4, alpha=8),
+                           training=TrainingSettings(max_steps=1, batch_size=4)), tiny_library)
+    mixer = PersonaMixer(tiny_library)
+    qtbot.addWidget(mixer)
+    session = ChatSession(str(tiny_base), "4bit")
+
+    def save(name, spec):  # what the chat pane's worker does with the request
+        for parent in spec.names:
+            session.load_adapter(tiny_library.get(parent))
+        session.add_mix(name, spec)
+        save_mix(session, tiny_library, name)
+        mixer.refresh()
+
+    mixer.save_requested.connect(save)
+    mixer.set_parents({"tiny": 0.8, "other": 0.2})
+    mixer.name_edit.setText("blend")
+    assert not mixer.card_button.isEnabled()
+    mixer.save_button.click()
+    assert mixer.saved_mix == "blend" and mixer.card_button.isEnabled()
+
+    mixer.card_button.click()
+    view = open_report_card(tiny_library, "blend")
+    qtbot.addWidget(view)
+    with qtbot.waitSignal(view.card_saved, timeout=EVALUATION_TIMEOUT_MS):
+        pass
+    card = view.card
+    assert card.adapter == "blend" and card.system_prompt == "You are a pirate."  # the heaviest parent's voice
+    assert card.prompt_source == "last 2 of 16 training examples" and card.style() is not None
