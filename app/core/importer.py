@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from app.core.config import validate_adapter_name
+from app.core.diskspace import disk_full_error, is_disk_full, require_free_space
 from app.core.errors import AdapterError
 from app.core.library import (
     ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MANIFEST_NAME, PICKLE_WEIGHTS, AdapterEntry, Library,
@@ -56,6 +57,9 @@ def import_adapter(library: Library, source: str | os.PathLike, name: str | None
     try:
         added = _import_checked(library, source, name, base, allow_pickle, report)
     except OSError as exc:  # an unreadable source or a full disk is for the user to fix, not a bug
+        if is_disk_full(exc):
+            place = Path(exc.filename).parent if exc.filename else library.root
+            raise disk_full_error(exc, place, f"import {source.name}") from exc
         raise AdapterError(f"Could not import {source}: {exc.strerror or exc}",
                            "Check the file is readable and that there is free space for the library.") from exc
     report(ShareProgress(f"Imported '{added.name}'", _STEPS, _STEPS))
@@ -85,7 +89,8 @@ def _import_checked(library: Library, source: Path, name: str | None, base: str 
 
         report(ShareProgress("Adding it to the library…", 3, _STEPS))
         final_name = name or library.unique_name((entry.manifest or {}).get("name") or source.stem)
-        return add_peft_folder(library, unpacked, final_name, origin=source)
+        # Without --name, a name another writer takes meanwhile gets a number rather than failing the import.
+        return add_peft_folder(library, unpacked, final_name, origin=source, rename_if_taken=name is None)
 
 
 # Reading the source
@@ -126,6 +131,7 @@ def _unpack_zip(path: Path, into: Path) -> None:
         if declared > MAX_TOTAL_BYTES:
             raise AdapterError(f"{path.name} would unpack to {declared / 1e9:.1f} GB; no LoRA adapter is that large "
                                f"(limit {MAX_TOTAL_BYTES // 1024**3} GB).")
+        require_free_space(into, declared, f"unpack {path.name}")
         try:
             for entry in wanted:
                 _extract_capped(archive, entry, into / PurePosixPath(entry.filename).name)

@@ -5,6 +5,11 @@ Layout under the library root:
     runs/<name>/       an unfinished training run: its config and last checkpoint (what --resume continues)
     trash/             deleted adapters, until the trash is emptied
     .staging/          half-written folders; they only become visible by an atomic rename into adapters/
+    .lock              the cross-process write lock (see Library.lock)
+
+Several writers (the app, CLIs, the server, a training publishing) may share one library. Every mutation takes the
+library's file lock and ends in one atomic rename, so a reader, who never takes the lock, sees each adapter either
+whole or not at all, and two writers never pick the same name or empty a trash the other is filling.
 
 Nothing here loads torch: listing a library of hundreds of adapters, or checking which of them fit a base model
 (from the safetensors headers alone), must stay instant.
@@ -22,11 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock, Timeout
+
 from app.core.config import validate_adapter_name
+from app.core.diskspace import disk_space_errors, require_free_space
 from app.core.errors import AdapterError
 from app.core.models import config_fingerprint
 
 LIBRARY_VERSION = 1
+LOCK_NAME = ".lock"
+LOCK_TIMEOUT_S = 120.0
+"""How long a writer waits for another to finish (a publish or an import takes seconds, not minutes)."""
 MANIFEST_NAME = "tailor.json"
 TRAINING_LOG_NAME = "training_log.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -116,17 +127,18 @@ class AdapterEntry:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write to a temporary file in the same folder and rename it over the target: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(value, stream, indent=2, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with disk_space_errors(path.parent, f"write {path.name}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump(value, stream, indent=2, sort_keys=True)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def human_size(num_bytes: int) -> str:
@@ -134,17 +146,100 @@ def human_size(num_bytes: int) -> str:
 
 
 def folder_size(path: Path) -> int:
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+    """Bytes in the folder's files; a file removed meanwhile (another writer) counts as 0 instead of failing."""
+    total = 0
+    for folder, _, files in os.walk(path):  # os.walk skips a folder that vanishes; Path.rglob would raise
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name), follow_symlinks=False).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(value, None), or (None, why the file cannot be read as JSON). Never raises."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (ValueError, OSError, RecursionError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        return None, f"{path.name} is damaged: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def lora_config_problem(config: Any) -> str | None:
+    """What makes an adapter_config.json unusable as a LoRA config (peft would fail or misread it), or None."""
+    if not isinstance(config, dict):
+        return f"{ADAPTER_CONFIG} is not a JSON object"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"it is a {config.get('peft_type')!s:.40} adapter; Tailor works with LoRA adapters only"
+    rank = config.get("r", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= 65536:
+        return f"{ADAPTER_CONFIG} gives the rank r as {rank!r:.40}; it must be a positive whole number"
+    for key, kinds in _LORA_CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds)):
+            return f"{ADAPTER_CONFIG} has '{key}' = {value!r:.40}, which is not {_LORA_CONFIG_KINDS[key]}"
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and not all(isinstance(target, str) for target in targets):
+        return f"{ADAPTER_CONFIG} lists target_modules that are not layer names"
+    dropout = config.get("lora_dropout") or 0
+    if not 0 <= dropout < 1:
+        return f"{ADAPTER_CONFIG} has lora_dropout {dropout}; it must be at least 0 and below 1"
+    return None
+
+
+# The adapter_config.json fields peft reads for a LoRA adapter, by the JSON types they may hold (None is always fine).
+_LORA_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "lora_alpha": (int, float), "lora_dropout": (int, float), "target_modules": (list, str),
+    "modules_to_save": (list,), "rank_pattern": (dict,), "alpha_pattern": (dict,), "use_dora": (bool,),
+    "use_rslora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,), "task_type": (str,),
+    "base_model_name_or_path": (str,), "layers_to_transform": (list, int),
+}
+_JSON_KIND_NAMES = {int: "a number", float: "a number", list: "a list", str: "text", dict: "a table", bool: "true/false"}
+_LORA_CONFIG_KINDS = {key: " or ".join(dict.fromkeys(_JSON_KIND_NAMES[kind] for kind in kinds))
+                      for key, kinds in _LORA_CONFIG_TYPES.items()}
+# What the manifest's fields must hold for the library, chat and export to read them (None is always fine).
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "system_prompt": (str,), "created": (str,), "final_loss": (int, float),
+    "steps": (int,), "planned_steps": (int,), "quant": (str,), "base_model": (dict,), "dataset": (dict,),
+    "config": (dict,), "sampling": (dict,),
+}
+_MANIFEST_PART_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "base_model": {"id": (str,), "source": (str,), "fingerprint": (str,), "architecture": (str,)},
+    "dataset": {"path": (str,), "fingerprint": (str,), "format": (str,), "rows": (int,), "usable_rows": (int,)},
+    "config": {"model": (dict,), "lora": (dict,), "training": (dict,), "data": (dict,)},
+}
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What in a tailor.json would make the library, chat or export misread it, or None."""
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST_NAME} is not a JSON object"
+    for key, kinds in _MANIFEST_TYPES.items():
+        if not _holds(manifest.get(key), kinds):
+            return f"{MANIFEST_NAME} has '{key}' = {manifest[key]!r:.40}, which is not what Tailor writes there"
+        parts = _MANIFEST_PART_TYPES.get(key, {})
+        for part, part_kinds in parts.items():
+            if not _holds((manifest.get(key) or {}).get(part), part_kinds):
+                return f"{MANIFEST_NAME} has '{key}.{part}' = {manifest[key][part]!r:.40}, which is not what Tailor writes there"
+    return None
+
+
+def _holds(value: Any, kinds: tuple[type, ...]) -> bool:
+    """JSON's true/false are not numbers here, though Python's bool is an int."""
+    return value is None or isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
 
 
 def inspect_adapter_folder(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """Read the manifest and say what, if anything, makes the folder unusable. Never raises."""
+    """Read the manifest and say what, if anything, makes the folder unusable. Never raises.
+
+    A manifest that is not what Tailor writes is reported as the problem and returned as None, so nothing reads it.
+    """
     if not (path / ADAPTER_CONFIG).is_file():
         return None, f"{ADAPTER_CONFIG} is missing (half-written or not an adapter)"
-    try:
-        json.loads((path / ADAPTER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        return None, f"{ADAPTER_CONFIG} is damaged: {exc}"
+    config, problem = _read_json(path / ADAPTER_CONFIG)
+    problem = problem or lora_config_problem(config)
+    if problem:
+        return None, problem
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (path / PICKLE_WEIGHTS).is_file():
@@ -153,10 +248,10 @@ def inspect_adapter_folder(path: Path) -> tuple[dict[str, Any] | None, str | Non
     problem = _safetensors_problem(weights)
     manifest = None
     if (path / MANIFEST_NAME).is_file():
-        try:
-            manifest = json.loads((path / MANIFEST_NAME).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            problem = problem or f"{MANIFEST_NAME} is damaged: {exc}"
+        manifest, manifest_damage = _read_json(path / MANIFEST_NAME)
+        manifest_damage = manifest_damage or manifest_problem(manifest)
+        if manifest_damage:
+            manifest, problem = None, problem or manifest_damage
     return manifest, problem
 
 
@@ -172,11 +267,24 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             header = json.loads(handle.read(header_length))
             header.pop("__metadata__", None)
             data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
             raise ValueError(f"{path.name} is damaged: {exc}") from exc
-    if 8 + header_length + data_end > size:
+    if not isinstance(data_end, int) or 8 + header_length + data_end > size:
         raise ValueError(f"{path.name} is truncated ({size} bytes, needs {8 + header_length + data_end})")
+    _check_with_safetensors(path)
     return header
+
+
+def _check_with_safetensors(path: Path) -> None:
+    """Let the safetensors library itself validate the header (known dtypes, shapes that match their byte ranges,
+    ranges that tile the file exactly): a header that lies would otherwise pass here and fail at load time."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is damaged: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
 
 def _safetensors_problem(weights: Path) -> str | None:
@@ -270,8 +378,10 @@ class Library:
     def entries(self) -> list[AdapterEntry]:
         if not self.adapters_dir.is_dir():
             return []
-        return [self._entry(path) for path in sorted(self.adapters_dir.iterdir(), key=lambda p: p.name.lower())
-                if path.is_dir() and not path.name.startswith(".")]
+        found = (self._entry(path) for path in sorted(self.adapters_dir.iterdir(), key=lambda p: p.name.lower())
+                 if path.is_dir() and not path.name.startswith("."))
+        # An adapter renamed or deleted by another writer while it was being read is not listed half-seen.
+        return [entry for entry in found if entry.path.is_dir()]
 
     def _entry(self, path: Path) -> AdapterEntry:
         manifest, problem = inspect_adapter_folder(path)
@@ -285,7 +395,11 @@ class Library:
         if not path.is_dir():
             known = ", ".join(entry.name for entry in self.entries()) or "none yet"
             raise AdapterError(f"No adapter named '{name}' in the library {self.root}.", f"Adapters: {known}.")
-        return self._entry(path)
+        entry = self._entry(path)
+        if not path.is_dir():  # renamed or deleted by another writer while it was being read
+            raise AdapterError(f"The adapter '{name}' was just renamed or deleted (by another Tailor window or command).",
+                               "List the library again and pick it by its current name.")
+        return entry
 
     def get_usable(self, name: str) -> AdapterEntry:
         entry = self.get(name)
@@ -304,56 +418,105 @@ class Library:
     # Writing
 
     @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the library's cross-process write lock (reentrant within a thread; other threads and processes wait).
+
+        Readers do not take it: each mutation below is a single rename, which they see as before or after.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        # One lock object per path in this process, so nested mutations (import -> publish) re-enter it.
+        lock = FileLock(self.root / LOCK_NAME, timeout=LOCK_TIMEOUT_S, is_singleton=True)
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise AdapterError(f"The library {self.root} is busy: another Tailor has been changing it for over "
+                               f"{LOCK_TIMEOUT_S:.0f} s.", "Let the other import, training or export finish, then try again.") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
     def staging(self) -> Iterator[Path]:
-        """A scratch folder on the library's own filesystem, so publishing it is one atomic rename."""
+        """A scratch folder on the library's own filesystem, so publishing it is one atomic rename.
+
+        It is removed whatever happens; a disk that fills while it is written raises DiskFullError naming the library.
+        """
         self.ensure()
         folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._staging_dir))
         try:
-            yield folder
+            with disk_space_errors(self.root, "add an adapter to the library"):
+                yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def publish(self, staged: Path, name: str) -> AdapterEntry:
-        """Move a complete staged folder into the library under `name`; fails rather than overwrite."""
+    def publish(self, staged: Path, name: str, rename_if_taken: bool = False) -> AdapterEntry:
+        """Move a complete staged folder into the library under `name`; fails rather than overwrite.
+
+        With `rename_if_taken` a taken name gets a number instead ('pirate-2'), chosen under the lock so two writers
+        publishing the same name at once both succeed.
+        """
         name = validate_adapter_name(name)
-        target = self.adapters_dir / name
-        if target.exists():
-            raise AdapterError(f"An adapter named '{name}' already exists.", "Pick another name or delete the old one first.")
-        os.replace(staged, target)
+        with self.lock():
+            if rename_if_taken and (self.adapters_dir / name).exists():
+                name = self.unique_name(name)
+                manifest = staged / MANIFEST_NAME
+                if manifest.is_file():
+                    write_json_atomic(manifest, {**json.loads(manifest.read_text()), "name": name})
+            target = self.adapters_dir / name
+            if target.exists():
+                raise AdapterError(f"An adapter named '{name}' already exists.", "Pick another name or delete the old one first.")
+            self.adapters_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
         return self._entry(target)
 
     def rename(self, old: str, new: str) -> AdapterEntry:
-        entry = self.get(old)
         new = validate_adapter_name(new)
-        target = self.adapters_dir / new
-        if target.exists():
-            raise AdapterError(f"An adapter named '{new}' already exists.", "Pick another name.")
-        os.replace(entry.path, target)
-        if entry.manifest is not None:
-            write_json_atomic(target / MANIFEST_NAME, {**entry.manifest, "name": new})
+        with self.lock():
+            entry = self.get(old)
+            target = self.adapters_dir / new
+            if target.exists():
+                raise AdapterError(f"An adapter named '{new}' already exists.", "Pick another name.")
+            os.replace(entry.path, target)
+            if isinstance(entry.manifest, dict):
+                write_json_atomic(target / MANIFEST_NAME, {**entry.manifest, "name": new})
         return self._entry(target)
+
+    def update_manifest(self, name: str, changes: dict[str, Any]) -> AdapterEntry:
+        """Merge `changes` into the adapter's manifest (one atomic write) and return the updated entry."""
+        with self.lock():
+            entry = self.get_usable(name)
+            write_json_atomic(entry.path / MANIFEST_NAME, {**(entry.manifest or {}), **changes})
+        return self._entry(entry.path)
 
     def delete(self, name: str) -> Path:
         """Move the adapter into the trash (kept until emptied) and return where it went."""
-        entry = self.get(name)
-        self.trash_dir.mkdir(parents=True, exist_ok=True)
-        target = self.trash_dir / f"{entry.name}.{time.strftime('%Y%m%d-%H%M%S')}"
-        counter = 2
-        while target.exists():
-            target = target.with_name(f"{target.name}-{counter}")
-            counter += 1
-        os.replace(entry.path, target)
+        with self.lock():
+            entry = self.get(name)
+            self.trash_dir.mkdir(parents=True, exist_ok=True)
+            stamp = f"{entry.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+            target, counter = self.trash_dir / stamp, 2
+            while target.exists():
+                target, counter = self.trash_dir / f"{stamp}-{counter}", counter + 1
+            os.replace(entry.path, target)
         return target
 
     def trash_entries(self) -> list[Path]:
         return sorted(self.trash_dir.iterdir()) if self.trash_dir.is_dir() else []
 
     def empty_trash(self) -> int:
-        removed = 0
-        for path in self.trash_entries():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            removed += 1
-        return removed
+        """Remove everything in the trash; returns how many items. Each leaves the trash in one rename, so the trash
+        never shows a half-deleted adapter, and the slow deleting happens outside the lock."""
+        with self.lock():
+            doomed = []
+            for path in self.trash_entries():
+                self.ensure()
+                target = Path(tempfile.mkdtemp(prefix="deleting-", dir=self._staging_dir)) / path.name
+                os.replace(path, target)
+                doomed.append(target.parent)
+        for folder in doomed:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(doomed)
 
     # Runs in progress
 
@@ -367,24 +530,24 @@ class Library:
         return sorted(path.name for path in self.runs_dir.iterdir() if (path / "run_config.json").is_file())
 
 
-def add_peft_folder(library: Library, folder: str | os.PathLike, name: str, origin: Path | None = None) -> AdapterEntry:
+def add_peft_folder(library: Library, folder: str | os.PathLike, name: str, origin: Path | None = None,
+                    rename_if_taken: bool = False) -> AdapterEntry:
     """Copy a plain PEFT LoRA folder made by another tool into the library under `name`.
 
     Only the adapter's own files are copied, into staging first, so the library never shows a half-copied folder.
     Pickled weights (adapter_model.bin) are refused: loading them can run arbitrary code. `origin` is what the
     manifest names as the source when `folder` is only an unpacked copy (an imported zip or bundle).
+    `rename_if_taken` numbers the name ('pirate-2') if another writer takes it before this one is published.
     """
     source = Path(folder).expanduser()
     name = validate_adapter_name(name)
     if not (source / ADAPTER_CONFIG).is_file():
         raise AdapterError(f"{source} is not a PEFT adapter folder ({ADAPTER_CONFIG} is missing).",
                            "Pick the folder that holds adapter_config.json and adapter_model.safetensors.")
-    try:
-        config = json.loads((source / ADAPTER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{source / ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{source} holds a {config.get('peft_type')} adapter; Tailor works with LoRA adapters only.")
+    config, problem = _read_json(source / ADAPTER_CONFIG)
+    problem = problem or lora_config_problem(config)
+    if problem:
+        raise AdapterError(f"Cannot add {source}: {problem}.")
     if not (source / ADAPTER_WEIGHTS).is_file():
         if (source / PICKLE_WEIGHTS).is_file():
             raise AdapterError(f"{source} has only pickled weights ({PICKLE_WEIGHTS}), which can run code when loaded.",
@@ -393,15 +556,18 @@ def add_peft_folder(library: Library, folder: str | os.PathLike, name: str, orig
     problem = _safetensors_problem(source / ADAPTER_WEIGHTS)
     if problem:
         raise AdapterError(f"Cannot add {source}: {problem}.")
-    if library.exists(name):
+    if library.exists(name) and not rename_if_taken:
         raise AdapterError(f"An adapter named '{name}' already exists.", "Pick another name or delete the old one first.")
+    files = [source / file_name for file_name in ADAPTER_FILES if (source / file_name).is_file()]
+    require_free_space(library.root, sum(file.stat().st_size for file in files), "add the adapter to the library")
     with library.staging() as staged:
-        for file_name in ADAPTER_FILES:
-            if (source / file_name).is_file():
-                shutil.copy2(source / file_name, staged / file_name)
+        for file in files:
+            shutil.copy2(file, staged / file.name)
         manifest, _ = inspect_adapter_folder(staged)
-        write_json_atomic(staged / MANIFEST_NAME, {**(manifest or _imported_manifest(config, origin or source)), "name": name})
-        return library.publish(staged, name)
+        if not isinstance(manifest, dict):
+            manifest = _imported_manifest(config, origin or source)
+        write_json_atomic(staged / MANIFEST_NAME, {**manifest, "name": name})
+        return library.publish(staged, name, rename_if_taken=rename_if_taken)
 
 
 def _imported_manifest(adapter_config: dict[str, Any], source: Path) -> dict[str, Any]:

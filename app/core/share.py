@@ -95,6 +95,8 @@ def locate_base(references: list[str], weights: bool, progress: Callable[[str], 
             return _hub_config_only(local_name)
         except ModelError as exc:
             failures.append(f"{reference}: {exc.message}")
+        except (ValueError, OSError) as exc:  # a name no filesystem accepts (a NUL byte, far too long)
+            failures.append(f"{reference!r:.80}: not a usable model name or path ({exc})")
     tried = "\n".join(f"  - {failure}" for failure in failures) or "  (the adapter names no base model)"
     raise AdapterError(f"Cannot find the base model this adapter belongs on:\n{tried}",
                        "Name it with --base: a model folder, a .gguf file, 'default' or a hub id.")
