@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from app.core.config import (
-    ALL_LINEAR, DATA_FORMATS, KEEP_CHOICES, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings, ModelSource,
-    RunConfig, TrainingSettings,
+    ALL_LINEAR, DATA_FORMATS, KEEP_CHOICES, METHODS, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings,
+    ModelSource, RunConfig, TrainingSettings,
 )
 
 # Flag defaults come from the settings dataclasses, so the CLI, the wizard and the docs never disagree.
@@ -29,6 +29,17 @@ def register(subparsers, common) -> None:
     parser.add_argument("--targets", default=ALL_LINEAR, help="comma-separated module names, or all-linear")
     parser.add_argument("--dora", action="store_true", help="use DoRA (weight-decomposed LoRA)")
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    parser.add_argument("--method", choices=METHODS, default=LORA.method,
+                        help="lora: one rank everywhere; adalora: start at --init-r and prune to an average of "
+                             "--target-r, giving rank to the layers that need it")
+    parser.add_argument("--init-r", type=int, default=LORA.init_r, help="AdaLoRA: starting rank of every layer")
+    parser.add_argument("--target-r", type=int, default=LORA.target_r, help="AdaLoRA: average rank after pruning")
+    parser.add_argument("--tinit", type=float, default=LORA.tinit, metavar="SHARE",
+                        help="AdaLoRA: share of the steps trained before pruning starts")
+    parser.add_argument("--tfinal", type=float, default=LORA.tfinal, metavar="SHARE",
+                        help="AdaLoRA: share of the steps at the end trained with the final ranks")
+    parser.add_argument("--delta-t", type=int, default=LORA.deltaT, metavar="STEPS",
+                        help="AdaLoRA: steps between two reallocations of the rank budget")
     parser.add_argument("--epochs", type=float, default=TRAINING.epochs)
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--lr", type=float, default=TRAINING.learning_rate, help="peak learning rate")
@@ -57,6 +68,9 @@ def register(subparsers, common) -> None:
     parser.add_argument("--show-samples", action="store_true",
                         help="at each evaluation, print the persona's replies to two held-out prompts")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run of this adapter")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the settings and show trainable parameters, adapter size and memory against a "
+                             "full fine-tune; trains and writes nothing")
     parser.set_defaults(handler=run)
 
 
@@ -71,7 +85,8 @@ def config_from_args(args, name: str) -> RunConfig:
                           eval_path=str(Path(args.eval_data).expanduser().resolve()) if args.eval_data else None),
         lora=LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                           target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                          use_dora=args.dora, use_rslora=args.rslora),
+                          use_dora=args.dora, use_rslora=args.rslora, method=args.method, init_r=args.init_r,
+                          target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal, deltaT=args.delta_t),
         training=TrainingSettings(epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
                                   lr_schedule=args.schedule, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                   gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
@@ -86,6 +101,25 @@ def run(args) -> int:
     wanted = args.name or Path(args.data).stem
     # An explicit name is the user's choice and must not silently change; a name derived from the file may.
     name = wanted if args.name or args.resume else library.unique_name(wanted)
+    if args.dry_run:
+        return dry_run(config_from_args(args, name), library, args.resume)
     result = train_with_progress(config_from_args(args, name), library, resume=args.resume,
                                  show_samples=args.show_samples)
     return EXIT_PAUSED if result.paused else 0
+
+
+def dry_run(config: RunConfig, library, resume: bool) -> int:
+    """Everything a real run checks before it loads the model, then the footprint; nothing is trained or written."""
+    from app.cli.common import console
+    from app.core.data import load_dataset_file
+    from app.core.footprint import footprint
+    from app.core.training import check_run_name
+
+    config = check_run_name(config, library, resume)
+    data = config.data
+    rows = load_dataset_file(data.path, data.format, data.prompt_column, data.response_column).rows
+    steps = config.training.planned_steps(rows)
+    console.print(f"Dry run of '{config.name}': nothing is trained or written.")
+    console.print(f"Dataset: {rows} rows, about {steps} optimizer steps.", highlight=False)
+    console.print(footprint(config, total_steps=steps).to_text(), highlight=False)
+    return 0

@@ -39,6 +39,7 @@ chat data gives (the bundled pirate and butler sets: 80%; the haiku set, short r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -268,6 +269,34 @@ def estimate_training_memory(
         lora_param_count=trainable,
         gradient_checkpointing=gradient_checkpointing,
         device=device,
+    )
+
+
+def estimate_full_finetune_memory(
+    shape: ModelShape,
+    *,
+    max_len: int = 512,
+    batch_size: int = 8,
+    gradient_checkpointing: bool = True,
+    device: str = "cuda",
+    compute_bytes: int | None = None,
+    trained_share: float = TRAINED_SHARE,
+) -> MemoryEstimate:
+    """Peak memory of training every weight instead (no LoRA, no quantisation), with the same data settings: what
+    LoRA's savings are measured against. Weights and their gradients in the compute dtype, an fp32 master copy of
+    the weights where that dtype is 16-bit (mixed precision), AdamW's two fp32 moments: 16 bytes per parameter
+    either way. Activations and the backward peaks as for an unquantised LoRA run (whose adapter share is tiny)."""
+    compute_bytes = compute_bytes or default_compute_bytes(device)
+    like_lora = estimate_training_memory(
+        shape, quant="none", rank=1, max_len=max_len, batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing, device=device, compute_bytes=compute_bytes,
+        trained_share=trained_share,
+    )
+    parameters = shape.parameter_count
+    master_copy = parameters * FP32_BYTES if compute_bytes < FP32_BYTES else 0
+    return dataclasses.replace(
+        like_lora, base_weights=parameters * compute_bytes + master_copy, adapter_weights=0,
+        optimizer_states=2 * parameters * FP32_BYTES, gradients=parameters * compute_bytes, lora_param_count=0,
     )
 
 
