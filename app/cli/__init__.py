@@ -14,6 +14,7 @@ import traceback
 
 from app import __version__
 from app.core.errors import TailorError
+from app.core.precision import is_out_of_memory
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -30,6 +31,7 @@ COMMAND_MODULES = (
     "app.cli.mix_cmd",
     "app.cli.share_cmd",
     "app.cli.serve_cmd",
+    "app.cli.eval_cmd",
 )
 
 
@@ -70,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print("tailor: interrupted.", file=sys.stderr)
         return 130
     except Exception as exc:  # the last line of defence: never a bare traceback unless asked for
+        if is_out_of_memory(exc):
+            print(f"tailor: out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n"
+                  "Use less memory: a shorter --max-len, a smaller --batch-size or --rank, --quant 4bit, or close "
+                  "other programs using the GPU.", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if args.debug or os.environ.get("TAILOR_DEBUG"):
             traceback.print_exc()
         else:

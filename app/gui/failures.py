@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 from dataclasses import dataclass
 
 from app.core.errors import TailorError
+from app.core.precision import is_out_of_memory
 
 log = logging.getLogger("tailor.gui")
 
@@ -40,7 +40,7 @@ def describe_failure(exc: BaseException) -> Failure:
         return exc.failure
     if isinstance(exc, TailorError):
         return Failure(exc.message, exc.hint, USER_ERROR)
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         return Failure("Training ran out of memory.",
                        "Lower the batch size or the max length, or use Auto-fit on the Review page.", OUT_OF_MEMORY)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -54,12 +54,3 @@ def describe_failure(exc: BaseException) -> Failure:
     log.error("Unexpected error in a background job", exc_info=exc)
     return Failure(f"Something went wrong: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                    "This is a bug in Tailor; the full details were written to the log.", UNEXPECTED)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # torch is only in sys.modules where a job imported it; looking there keeps torch out of the GUI's imports.
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
-        return True
-    # The CPU allocator raises a plain RuntimeError (or MemoryError) instead of a dedicated type.
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))

@@ -9,17 +9,18 @@ anywhere; the worker passes them on to the child.
 from __future__ import annotations
 
 import dataclasses
+import html
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
-    QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget,
+    QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QTextBrowser, QVBoxLayout, QWidget,
 )
 
 from app.core.config import RunConfig
 from app.core.library import Library
 from app.core.training import (
-    CheckpointEvent, PausedEvent, StartEvent, StatusEvent, StepEvent, TrainingControl, TrainingResult,
-    discard_interrupted_run, interrupted_run_config,
+    CheckpointEvent, EvalEvent, PausedEvent, RecoveryEvent, SampleEvent, StartEvent, StatusEvent, StepEvent,
+    TrainingControl, TrainingResult, discard_interrupted_run, interrupted_run_config,
 )
 from app.gui.style import ACCENT, duration, gigabytes
 from app.gui.wizard.base import Banner
@@ -28,6 +29,7 @@ from app.gui.workers import OUT_OF_MEMORY, Failure, Job, TrainingWorker
 
 AXIS_WIDTH = 86
 """Both charts' y axes get this width, so their shared step axis lines up."""
+EVAL_COLOUR = "#d9822b"
 EMA_DECAY = 0.9
 """Weight of the past in the smoothed loss: about the last ten readings count."""
 IDLE, RUNNING, PAUSING, STOPPING, PAUSED, FINISHED, FAILED = (
@@ -61,6 +63,8 @@ class LossChart(LazyPlots):
         self.losses: list[float] = []
         self.smoothed: list[float] = []
         self.learning_rates: list[float] = []
+        self.eval_steps: list[int] = []
+        self.eval_losses: list[float] = []
         self._ema = SmoothedSeries()
         self.changed()
 
@@ -77,6 +81,11 @@ class LossChart(LazyPlots):
         self.learning_rates.append(learning_rate)
         self.changed()
 
+    def add_eval_point(self, step: int, eval_loss: float) -> None:
+        self.eval_steps.append(step)
+        self.eval_losses.append(eval_loss)
+        self.changed()
+
     def build(self, layout: QVBoxLayout) -> None:
         import pyqtgraph as pg
 
@@ -87,6 +96,8 @@ class LossChart(LazyPlots):
         self.loss_plot.setClipToView(True)
         self.raw_curve = self.loss_plot.plot([], [], name="loss", pen=pg.mkPen("#9dbbe0", width=1))
         self.smooth_curve = self.loss_plot.plot([], [], name="smoothed", pen=pg.mkPen(ACCENT, width=2.5))
+        self.eval_curve = self.loss_plot.plot([], [], name="held-out", pen=pg.mkPen(EVAL_COLOUR, width=2),
+                                              symbol="o", symbolSize=7, symbolBrush=EVAL_COLOUR, symbolPen=None)
         self.lr_plot = static_plot("learning rate", "step", whole_numbers_below=True, left_axis_width=AXIS_WIDTH)
         self.lr_plot.setMaximumHeight(140)
         self.lr_plot.setXLink(self.loss_plot)
@@ -103,6 +114,7 @@ class LossChart(LazyPlots):
             self.loss_plot.enableAutoRange(axis="x")
         self.raw_curve.setData(self.steps, self.losses)
         self.smooth_curve.setData(self.steps, self.smoothed)
+        self.eval_curve.setData(self.eval_steps, self.eval_losses)
         self.lr_curve.setData(self.steps, self.learning_rates)
 
 
@@ -142,6 +154,8 @@ class TrainingPanel(QWidget):
         self.state = IDLE
         self.result: TrainingResult | None = None
         self.failure: Failure | None = None
+        self.recoveries: list[str] = []
+        """What out-of-memory recovery did during this run, in words."""
 
         self.title = QLabel("No training yet")
         self.title.setObjectName("pageTitle")
@@ -156,13 +170,19 @@ class TrainingPanel(QWidget):
 
         self.tiles = {key: StatTile(caption) for key, caption in (
             ("step", "Step"), ("loss", "Loss (smoothed)"), ("lr", "Learning rate"), ("speed", "Tokens / s"),
-            ("elapsed", "Elapsed"), ("eta", "Time left"), ("memory", "Memory"), ("checkpoint", "Last checkpoint"))}
+            ("eval", "Held-out loss"), ("elapsed", "Elapsed"), ("eta", "Time left"), ("memory", "Memory"),
+            ("checkpoint", "Last checkpoint"))}
         tiles = QGridLayout()
         tiles.setSpacing(6)
         for column, tile in enumerate(self.tiles.values()):
             tiles.addWidget(tile, 0, column)
 
         self.chart = LossChart()
+        self.samples = QTextBrowser()
+        self.samples.setObjectName("sampleReplies")
+        self.samples.setMaximumHeight(150)
+        self.samples.setToolTip("<p>At each evaluation the persona answers a few questions it never trained on, so "
+                                "you can watch it take shape.</p>")
 
         self.pause_button = QPushButton("Pause")
         self.pause_button.setToolTip("<p>Save a checkpoint and free the model's memory; Resume continues from it.</p>")
@@ -193,6 +213,7 @@ class TrainingPanel(QWidget):
         layout.addWidget(self.progress)
         layout.addLayout(tiles)
         layout.addWidget(self.chart, 1)
+        layout.addWidget(self.samples)
         layout.addLayout(buttons)
         self._reset_chart()
         self._set_state(IDLE)
@@ -286,6 +307,15 @@ class TrainingPanel(QWidget):
                                 f"{event.trainable_params:,} trainable parameters{resumed}.")
         elif isinstance(event, StepEvent):
             self._add_point(event)
+        elif isinstance(event, EvalEvent):
+            self.chart.add_eval_point(event.step, event.eval_loss)
+            self.tiles["eval"].set(f"{event.eval_loss:.3f}" + (" ★" if event.best else ""))
+        elif isinstance(event, SampleEvent):
+            self._show_samples(event)
+        elif isinstance(event, RecoveryEvent):
+            self.recoveries.append(event.message)
+            self.banner.show_message("Ran out of memory; carrying on with smaller batches.", event.message,
+                                     tone="warning")
         elif isinstance(event, (CheckpointEvent, PausedEvent)):
             self.tiles["checkpoint"].set(f"step {event.step}")
 
@@ -300,6 +330,14 @@ class TrainingPanel(QWidget):
         self.tiles["eta"].set(duration(event.eta_s))
         self.tiles["memory"].set(gigabytes(event.memory_bytes))
 
+    def _show_samples(self, event: SampleEvent) -> None:
+        rows = "".join(f"<p style='margin:2px 0'><b>{html.escape(sample['prompt'])}</b><br>"
+                       f"<span style='color:{ACCENT}'>{html.escape(sample['reply']) or '…'}</span></p>"
+                       for sample in event.samples)
+        self.samples.setHtml(f"<p style='margin:0;color:gray'>Replies at step {event.step}, to questions it never "
+                             f"trained on:</p>{rows}")
+        self.samples.show()
+
     def _on_result(self, result: TrainingResult) -> None:
         self.result = result
         if result.paused:
@@ -310,7 +348,9 @@ class TrainingPanel(QWidget):
         loss = f", final loss {result.final_loss:.3f}" if result.final_loss is not None else ""
         early = " (stopped early)" if result.stopped_early else ""
         self.status.setText(f"Saved “{result.adapter.name}” to the library after {result.steps} steps{early}{loss}.")
-        self.banner.show_message(f"“{result.adapter.name}” is ready.", "Chat with it now, or find it in the Library.",
+        recovered = " ".join(self.recoveries)
+        self.banner.show_message(f"“{result.adapter.name}” is ready.",
+                                 (recovered + " " if recovered else "") + "Chat with it now, or find it in the Library.",
                                  tone="success")
         self.tiles["eta"].set("done")
         self._set_state(FINISHED)
@@ -335,6 +375,9 @@ class TrainingPanel(QWidget):
             tile.set("—")
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
+        self.samples.clear()
+        self.samples.hide()
+        self.recoveries = []
 
     def _set_state(self, state: str) -> None:
         self.state = state

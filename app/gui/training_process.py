@@ -25,7 +25,7 @@ import psutil
 
 from app.core.config import RunConfig
 from app.core.library import Library
-from app.core.training import TrainingControl, event_to_dict, run_training
+from app.core.training import SAMPLE_PROMPTS, TrainingControl, event_to_dict, run_training
 from app.gui.failures import Failure, describe_failure
 
 PAUSE, STOP = "pause", "stop"
@@ -76,7 +76,7 @@ def main() -> int:
     try:
         result = run_training(RunConfig.from_dict(request["config"]), Library(request["library"]),
                               sink=lambda event: send(event_to_dict(event)), control=control,
-                              resume=request["resume"])
+                              resume=request["resume"], sample_prompts=SAMPLE_PROMPTS)
     except Exception as exc:  # every failure goes back to the window as words, never as a dead pipe
         send({"type": FAILURE, **asdict(describe_failure(exc))})
         return 1

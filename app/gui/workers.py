@@ -19,7 +19,7 @@ from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from app.core.config import RunConfig
 from app.core.library import Library
-from app.core.training import TrainingControl, TrainingResult, event_from_dict, run_training
+from app.core.training import SAMPLE_PROMPTS, TrainingControl, TrainingResult, event_from_dict, run_training
 from app.gui import training_process
 from app.gui.failures import OUT_OF_MEMORY, UNEXPECTED, Failure, ReportedFailure, describe_failure
 
@@ -82,7 +82,7 @@ class TrainingWorker(Worker):
     def work(self) -> TrainingResult:
         if not self.isolated:
             return run_training(self.config, self.library, sink=self.event.emit, control=self.control,
-                                resume=self.resume)
+                                resume=self.resume, sample_prompts=SAMPLE_PROMPTS)
         child = subprocess.Popen(training_process.child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True, encoding="utf-8")
         child.stdin.write(training_process.request_line(self.config, self.library, self.resume))

@@ -180,6 +180,15 @@ def test_kill_9_then_resume_from_the_command_line(tiny_base, chat_jsonl, tmp_pat
     steps = [entry["step"] for entry in library.get("killed").training_log()]
     assert steps == list(range(1, 151))
 
+    # The same command never interrupted ends with the same adapter: nothing about the kill leaks into the result.
+    command[command.index("killed")] = "straight"
+    subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=True)
+    import torch
+
+    expected, actual = _adapter_tensors(library.get("straight")), _adapter_tensors(library.get("killed"))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+
 
 # Issue: a trainer you can trust (coverage, logging, warm-up, checkpoints, resume equivalence, OOM recovery)
 

@@ -21,7 +21,8 @@ STATUS = COLUMNS.index("Status")
 @pytest.fixture
 def adapters(library, tiny_base):
     entries = make_random_adapters(library, tiny_base, ["pirate", "poet"], system_prompt="Speak like a pirate.")
-    (entries[0].path / TRAINING_LOG_NAME).write_text(json.dumps([{"step": s, "loss": 3.0 / s, "lr": 1e-3} for s in range(1, 21)]))
+    (entries[0].path / TRAINING_LOG_NAME).write_text(json.dumps(
+        [{"step": s, "loss": 3.0 / s, "lr": 1e-3, **({"eval_loss": 4.0 / s} if s % 5 == 0 else {})} for s in range(1, 21)]))
     make_random_adapters(library, tiny_base, ["wide"], rank=8)
     return library
 
@@ -57,6 +58,7 @@ def test_lists_sorts_and_filters_adapters_with_their_manifest(panel):
     details = panel.details
     assert details.title.text() == "pirate" and details.prompt.toPlainText() == "Speak like a pirate."
     assert details.loss_chart.steps == list(range(1, 21)) and details.loss_chart.isVisible()
+    assert details.loss_chart.eval_steps == [5, 10, 15, 20] and details.loss_chart.eval_losses[0] == pytest.approx(0.8)
     settings = [details.parameters.topLevelItem(i).text(0) for i in range(details.parameters.topLevelItemCount())]
     assert "adapter_config" in settings and "base_model" in settings
     panel.select("poet")

@@ -57,6 +57,29 @@ def test_a_run_reports_progress_and_publishes_the_adapter(qtbot, panel, library,
     assert not panel.pause_button.isVisible() and not panel.stop_button.isVisible()
 
 
+def test_the_panel_plots_the_held_out_loss_and_shows_sample_replies(qtbot, panel, library, tiny_run, tmp_path):
+    import dataclasses
+
+    config = tiny_run("watched", max_steps=4, eval_every=2)
+    config = config.replace(data=dataclasses.replace(config.data, eval_split=0.25))
+    panel.start(config)
+    wait_for_state(qtbot, panel, FINISHED)
+
+    assert panel.chart.eval_steps == [2, 4] and all(loss > 0 for loss in panel.chart.eval_losses)
+    assert panel.tiles["eval"].value.text() != "—"
+    assert panel.samples.isVisible() and "never trained on" in panel.samples.toPlainText()
+    assert "Replies at step 4" in panel.samples.toPlainText()
+    panel.grab().save(str(tmp_path / "training-with-eval.png"))
+
+
+def test_an_out_of_memory_recovery_is_shown_and_the_run_finishes(qtbot, panel, library, tiny_run, monkeypatch):
+    monkeypatch.setenv("TAILOR_SIMULATE_OOM_AT", "2")  # the training child process inherits the seam
+    panel.start(tiny_run("squeezed", max_steps=3, batch_size=4))
+    wait_for_state(qtbot, panel, FINISHED)
+    assert "Ran out of memory at step 2" in panel.banner.plain_text
+    assert library.get("squeezed").manifest["oom_recoveries"][0]["micro_batch_size"] == 2
+
+
 def test_stop_saves_the_adapter_trained_so_far(qtbot, panel, library, tiny_run):
     panel.start(tiny_run("early", max_steps=2000))
     wait_for_points(qtbot, panel)
