@@ -87,3 +87,45 @@ class ServerThread:
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+
+class BackgroundServer:
+    """The whole of `tailor serve` on background threads: what the desktop app's "Serve to other apps" runs.
+
+    `start` loads the model (seconds to minutes), so callers run it off the GUI thread; so is `stop`.
+    """
+
+    def __init__(self, engine, http: ServerThread, api_key: str | None):
+        self.engine, self.http, self.api_key = engine, http, api_key
+
+    @classmethod
+    def start(cls, library, base: str = "auto", quant: str = "auto", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+              api_key: str | None = None, progress=None) -> BackgroundServer:
+        from app.core.chat import ChatSession, base_for
+        from app.core.serving import ServingEngine
+        from app.server.app import create_app
+
+        check_exposure(host, api_key)
+        sock = bind(host, port)
+        try:
+            entries = [entry for entry in library.entries() if entry.ok]
+            base, made_with_quant = base_for(entries, None if base == "auto" else base, None if quant == "auto" else quant)
+            session = ChatSession(base, quant if quant == "auto" else made_with_quant, progress=progress)
+            engine = ServingEngine(session, library)
+            engine.load_available(progress)
+            engine.start()
+            return cls(engine, ServerThread(create_app(engine, api_key), sock).start(), api_key)
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def model_names(self) -> list[str]:
+        return self.engine.model_names()
+
+    def stop(self) -> None:
+        self.http.stop()
+        self.engine.close()
