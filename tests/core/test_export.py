@@ -195,7 +195,7 @@ def test_cli_never_overwrites_without_force(pirate, tmp_path, capsys):
 def test_a_failed_export_leaves_nothing_behind(pirate, tmp_path, monkeypatch):
     from app.core import export
 
-    def write_half_then_fail(entry, folder, base, report):
+    def write_half_then_fail(entry, folder, base, report, target):
         (folder / "adapter_config.json").write_text("{}")
         raise OSError("disk full")
 
