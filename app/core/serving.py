@@ -8,7 +8,10 @@ token instead of four. Rows end on their own (end of turn, stop string, token li
 row that has ended only rides along as padding until the longest row ends.
 
 Only requests that sample alike share a batch: greedy ones with each other, sampled ones with the same temperature
-and top-p, and a seeded request runs alone, so that a seed gives the same reply it gives in `tailor chat`.
+and top-p, and a seeded request runs alone, so that a seed gives the same reply it gives in `tailor chat`. A batch
+of equally long prompts computes each row exactly as `tailor chat` does; a shorter prompt is padded on the left,
+and its masked attention rounds differently in bf16 (logits move by ~4e-3), which can flip a near-tie in a greedy
+reply, as in every batched server.
 
 Personas come from the library and are looked up again on every request, so one trained or imported while the
 server runs is served from its next request on, without a restart.
@@ -35,6 +38,10 @@ log = logging.getLogger("tailor.serve")
 
 MAX_BATCH = 8
 """Requests answered in one generate() call; more wait for the next one."""
+GATHER_S = 0.02
+"""How long the worker waits for more requests before starting a batch that is not full. Clients whose replies
+ended together send their next requests a few milliseconds apart; without this wait the first would start alone
+and the rest would queue behind it for a whole reply."""
 PEFT_BASE_ROW = "__base__"
 """peft's name for a row of a mixed batch that uses no adapter."""
 
@@ -178,7 +185,7 @@ def sampling_key(settings: GenerationSettings) -> tuple:
 
 def _recent_repetition_penalty(settings: GenerationSettings, pad_lengths: list[int]):
     """The chat engine's repetition penalty (over each row's last `repetition_window` tokens), row by row, so the
-    left padding of a shorter prompt never counts as a recent token: a row then decodes as it would alone."""
+    left padding of a shorter prompt never counts as a recent token: each row is penalised as it would be alone."""
     from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     penalty, window = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty), settings.repetition_window
@@ -407,6 +414,12 @@ class ServingEngine:
         with self._wake:
             while not self._queue and not self._closing:
                 self._wake.wait()
+            deadline = time.monotonic() + GATHER_S
+            while 1 < self.max_batch and len(self._queue) < self.max_batch and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.wait(remaining)
             if self._closing:
                 return None
             first = self._queue.popleft()
