@@ -104,6 +104,11 @@ class LoraSettings:
             _require(not self.use_dora, "AdaLoRA cannot be combined with DoRA; pick one of them.")
             _require(not self.use_rslora, "AdaLoRA scales by alpha / init_r itself; turn rsLoRA off to use it.")
 
+    @property
+    def largest_rank(self) -> int:
+        """The rank the adapter trains at before any pruning (init_r for AdaLoRA): what sizes memory."""
+        return self.init_r if self.method == "adalora" else self.rank
+
     def peft_target_modules(self) -> str | list[str]:
         return ALL_LINEAR if ALL_LINEAR in self.target_modules else list(self.target_modules)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from app.core.errors import TailorError
-from app.core.estimate import MemoryEstimate, estimate_full_finetune_memory, estimate_training_memory
+from app.core.estimate import GB, MemoryEstimate, estimate_full_finetune_memory, estimate_training_memory
 
 if TYPE_CHECKING:
     from app.core.config import RunConfig
@@ -34,7 +34,7 @@ class Footprint:
     """One run's adapter against a full fine-tune of the same base, as plain numbers."""
 
     base_model: str
-    """The base's name (a hub id when known)."""
+    """The base's name (a hub id when known) and how its weights are held while training."""
     adapter: str
     """The adapter in words: method, rank, targets."""
     trainable_params: int
@@ -64,8 +64,8 @@ class Footprint:
              _share(self.trainable_params, self.base_params)),
             ("Checkpoint file", bound + _size(self.adapter_bytes), _size(self.full_checkpoint_bytes),
              _share(self.adapter_bytes, self.full_checkpoint_bytes)),
-            (f"Peak memory ({self.device.upper()}, estimate)", _size(self.memory.total),
-             _size(self.full_memory.total), _share(self.memory.total, self.full_memory.total)),
+            (f"Peak memory ({self.device.upper()}, estimate)", _memory(self.memory.total),
+             _memory(self.full_memory.total), _share(self.memory.total, self.full_memory.total)),
         ]
 
     def to_text(self) -> str:
@@ -79,10 +79,16 @@ class Footprint:
 
 
 def _size(num_bytes: int) -> str:
+    """A file size in decimal units, as file managers show it."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if num_bytes >= scale:
             return f"{num_bytes / scale:,.1f} {unit}"
     return f"{num_bytes} B"
+
+
+def _memory(num_bytes: int) -> str:
+    """Memory in the estimate's GB (2^30 bytes, as GPU makers and the review page count it)."""
+    return f"{num_bytes / GB:,.2f} GB"
 
 
 def _share(part: int, whole: int) -> str:
@@ -178,10 +184,9 @@ def describe_adapter(config: RunConfig) -> str:
     lora = config.lora
     targets = ", ".join(lora.target_modules)
     if lora.method == "adalora":
-        return (f"AdaLoRA, rank {lora.init_r} pruned to an average of {lora.target_r}, alpha {lora.alpha:g}, "
-                f"{targets}, on a {QUANT_WORDS[config.model.quant]} base")
+        return f"AdaLoRA, rank {lora.init_r} pruned to an average of {lora.target_r}, alpha {lora.alpha:g}, {targets}"
     extras = "".join(f" + {name}" for name, on in (("DoRA", lora.use_dora), ("rsLoRA", lora.use_rslora)) if on)
-    return f"LoRA{extras}, rank {lora.rank}, alpha {lora.alpha:g}, {targets}, on a {QUANT_WORDS[config.model.quant]} base"
+    return f"LoRA{extras}, rank {lora.rank}, alpha {lora.alpha:g}, {targets}"
 
 
 def footprint(config: RunConfig, total_steps: int = 1, device: str | None = None) -> Footprint:
@@ -198,15 +203,14 @@ def footprint(config: RunConfig, total_steps: int = 1, device: str | None = None
     lora, data, training = config.lora, config.data, config.training
     settings = {"max_len": data.max_len, "batch_size": training.batch_size,
                 "gradient_checkpointing": training.gradient_checkpointing, "device": device}
-    rank = lora.init_r if lora.method == "adalora" else lora.rank
     dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
     _, bytes_per_weight = _DTYPE_NAMES.get(dtype.removeprefix("torch."), ("F32", 4))
     return Footprint(
-        base_model=name, adapter=describe_adapter(config), trainable_params=trainable, total_params=total,
+        base_model=f"{name} ({QUANT_WORDS[config.model.quant]})", adapter=describe_adapter(config), trainable_params=trainable, total_params=total,
         adapter_bytes=safetensors_size(adapter_file_tensors(model, config), SAFETENSORS_METADATA),
         adapter_size_is_bound=lora.method == "adalora", base_params=base_params,
         full_checkpoint_bytes=base_params * bytes_per_weight,
-        memory=estimate_training_memory(shape, quant=config.model.quant, rank=rank,
+        memory=estimate_training_memory(shape, quant=config.model.quant, rank=lora.largest_rank,
                                         target_modules=lora.target_modules, **settings),
         full_memory=estimate_full_finetune_memory(shape, **settings),
         device=device,

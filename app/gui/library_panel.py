@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.core.adalora import RankAllocation, read_rank_allocation
 from app.core.errors import TailorError
 from app.core.evaluation import saved_report_card
 from app.core.library import AdapterEntry, BaseProfile, Library, add_peft_folder, adapter_fit, human_size
@@ -412,6 +413,8 @@ class AdapterDetails(QWidget):
         self.no_curve = QLabel("No training log: this adapter was not trained here (a mix or an import).")
         self.no_curve.setObjectName("muted")
         self.no_curve.setWordWrap(True)
+        self.rank_chart = RankChart()
+        self.rank_chart.setMinimumHeight(150)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(8, 0, 0, 0)
         layout.addWidget(self.title)
@@ -422,6 +425,7 @@ class AdapterDetails(QWidget):
         layout.addWidget(self.parameters, 1)
         layout.addWidget(self.loss_chart, 2)
         layout.addWidget(self.no_curve)
+        layout.addWidget(self.rank_chart, 1)
         self.show_entry(None, None)
 
     def show_entry(self, entry: AdapterEntry | None, fit_reason: str | None) -> None:
@@ -430,6 +434,7 @@ class AdapterDetails(QWidget):
         self.parameters.clear()
         for widget in (self.fit, self.prompt, self.parameters, self.loss_chart, self.no_curve):
             widget.setVisible(entry is not None)
+        self.rank_chart.hide()
         if entry is None:
             self.title.setText("Select an adapter")
             return
@@ -454,6 +459,51 @@ class AdapterDetails(QWidget):
         self.loss_chart.set_log(log)
         self.loss_chart.setVisible(bool(log))
         self.no_curve.setVisible(not log)
+        allocation = read_rank_allocation(entry.path)  # only AdaLoRA personas have one
+        if allocation is not None:
+            self.rank_chart.set_allocation(allocation)
+            self.rank_chart.show()
+
+
+class RankChart(LazyPlots):
+    """Where an AdaLoRA persona's rank budget went: the average final rank of each decoder layer's adapted modules,
+    with the target average drawn across."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.allocation: RankAllocation | None = None
+
+    def set_allocation(self, allocation: RankAllocation) -> None:
+        self.allocation = allocation
+        self.changed()
+
+    def build(self, layout: QVBoxLayout) -> None:
+        import pyqtgraph as pg
+
+        self.caption = QLabel()
+        self.caption.setObjectName("muted")
+        self.caption.setWordWrap(True)
+        self.plot = static_plot("final rank", "layer", whole_numbers_below=True)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush=ACCENT, pen=None)
+        self.target_line = pg.InfiniteLine(angle=0, pen=pg.mkPen(WARN, width=2, style=Qt.PenStyle.DashLine))
+        self.plot.addItem(self.bars)
+        self.plot.addItem(self.target_line)
+        layout.addWidget(self.caption)
+        layout.addWidget(self.plot)
+
+    def redraw(self) -> None:
+        if self.allocation is None:
+            return
+        layers = self.allocation.by_layer()
+        self.bars.setOpts(x=[layer for layer, _ in layers], height=[rank for _, rank in layers])
+        every = max(1, len(layers) // 10)  # about ten whole-number layer labels, however deep the model
+        self.plot.getAxis("bottom").setTicks([[(layer, str(layer)) for layer, _ in layers[::every]]])
+        self.target_line.setValue(self.allocation.target_r)
+        self.plot.setYRange(0, self.allocation.init_r, padding=0.05)
+        self.caption.setText(
+            f"AdaLoRA rank per layer: every layer started at {self.allocation.init_r}; pruning kept an average of "
+            f"{self.allocation.average_rank:.1f} (dashed: the target {self.allocation.target_r}). Shared as plain "
+            f"LoRA at rank {self.allocation.uniform_rank}.")
 
 
 class LossCurve(LazyPlots):

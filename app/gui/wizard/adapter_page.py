@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.config import (
-    ALL_LINEAR, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings,
+    ALL_LINEAR, METHODS, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings,
     validate_adapter_name,
 )
 from app.core.errors import TailorError
@@ -21,6 +21,7 @@ from app.gui.wizard.base import WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 
 RANK_PRESETS = (("Light", 8), ("Balanced", 16), ("Strong", 64))
+METHOD_NAMES = {"lora": "LoRA (same rank in every layer)", "adalora": "AdaLoRA (rank goes where it helps)"}
 QUANT_NAMES = {"4bit": "4-bit (QLoRA, least memory)", "8bit": "8-bit", "none": "None (full precision, most memory)"}
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 """Attention projections by their peft names; Phi-3 fuses q, k and v into qkv_proj."""
@@ -117,6 +118,15 @@ class AdapterPage(WizardPage):
         self.packing = QCheckBox("Pack examples (no padding)")
         self.checkpoint_every = _spin(1, 1_000_000, training.checkpoint_every)
         self.seed = _spin(0, 2**31 - 1, training.seed)
+        self.method = QComboBox()
+        for key in METHODS:
+            self.method.addItem(METHOD_NAMES[key], key)
+        self.init_r = _spin(1, 1024, lora.init_r)
+        self.target_r = _spin(1, 1024, lora.target_r)
+        self.tinit = _double_spin(0, 0.95, lora.tinit, 0.05, 2)
+        self.tfinal = _double_spin(0, 0.95, lora.tfinal, 0.05, 2)
+        self.delta_t = _spin(1, 100_000, lora.deltaT)
+        self.method.currentIndexChanged.connect(self._method_changed)
 
         persona = QGroupBox("Persona")
         persona_form = QFormLayout(persona)
@@ -150,7 +160,7 @@ class AdapterPage(WizardPage):
         self.advanced_toggle.setAutoRaise(True)
         self.advanced = QGroupBox()
         advanced_columns = QHBoxLayout(self.advanced)
-        left, middle, right = QFormLayout(), QFormLayout(), QFormLayout()
+        left, middle, right, adaptive = QFormLayout(), QFormLayout(), QFormLayout(), QFormLayout()
         self._row(left, "", self.use_dora, LoraSettings, "use_dora")
         self._row(left, "", self.use_rslora, LoraSettings, "use_rslora")
         self._row(left, "Dropout:", self.dropout, LoraSettings, "dropout")
@@ -162,7 +172,13 @@ class AdapterPage(WizardPage):
         self._row(right, "Warm-up share:", self.warmup, TrainingSettings, "warmup_ratio")
         self._row(right, "Checkpoint every (steps):", self.checkpoint_every, TrainingSettings, "checkpoint_every")
         self._row(right, "Seed:", self.seed, TrainingSettings, "seed")
-        for form in (left, middle, right):
+        self._row(adaptive, "Method:", self.method, LoraSettings, "method")
+        self._row(adaptive, "Starting rank:", self.init_r, LoraSettings, "init_r")
+        self._row(adaptive, "Average final rank:", self.target_r, LoraSettings, "target_r")
+        self._row(adaptive, "Train before pruning:", self.tinit, LoraSettings, "tinit")
+        self._row(adaptive, "Train after pruning:", self.tfinal, LoraSettings, "tfinal")
+        self._row(adaptive, "Steps between reallocations:", self.delta_t, LoraSettings, "deltaT")
+        for form in (left, middle, right, adaptive):
             advanced_columns.addLayout(form, 1)
         self.advanced.hide()
         self.advanced_toggle.toggled.connect(self._show_advanced)
@@ -178,6 +194,7 @@ class AdapterPage(WizardPage):
         layout.addWidget(self.advanced)
         layout.addStretch(1)
         self._sync_rank_presets(self.rank.value())
+        self._method_changed()
 
     def _row(self, form: QFormLayout, label: str, field, owner: type, name: str, extra=()) -> None:
         text = tooltip(owner, name)
@@ -190,6 +207,17 @@ class AdapterPage(WizardPage):
     def _show_advanced(self, shown: bool) -> None:
         self.advanced.setVisible(shown)
         self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+
+    def _method_changed(self) -> None:
+        """AdaLoRA sets its own ranks and scale, so the fixed rank, DoRA and rsLoRA only apply to plain LoRA."""
+        adaptive = self.method.currentData() == "adalora"
+        for widget in (self.init_r, self.target_r, self.tinit, self.tfinal, self.delta_t):
+            widget.setEnabled(adaptive)
+        for widget in (self.rank, self.use_dora, self.use_rslora, *self.rank_presets.buttons()):
+            widget.setEnabled(not adaptive)
+        if adaptive:
+            self.use_dora.setChecked(False)
+            self.use_rslora.setChecked(False)
 
     def _mark_name_edited(self) -> None:
         self._name_edited = True
@@ -243,7 +271,9 @@ class AdapterPage(WizardPage):
                               "Resume or discard it (see the note above the wizard), or pick another name.")
         lora = LoraSettings(rank=self.rank.value(), alpha=self.alpha.value(), dropout=self.dropout.value(),
                             target_modules=self.target_modules(), use_dora=self.use_dora.isChecked(),
-                            use_rslora=self.use_rslora.isChecked())
+                            use_rslora=self.use_rslora.isChecked(), method=self.method.currentData(),
+                            init_r=self.init_r.value(), target_r=self.target_r.value(), tinit=self.tinit.value(),
+                            tfinal=self.tfinal.value(), deltaT=self.delta_t.value())
         training = TrainingSettings(
             epochs=self.epochs.value(), max_steps=self.max_steps.value() or None,
             learning_rate=self.learning_rate_value(), lr_schedule=self.schedule.currentText(),
@@ -272,6 +302,12 @@ class AdapterPage(WizardPage):
         self.targets.setCurrentText(", ".join(lora.target_modules))
         self.use_dora.setChecked(lora.use_dora)
         self.use_rslora.setChecked(lora.use_rslora)
+        self.method.setCurrentIndex(max(0, self.method.findData(lora.method)))
+        self.init_r.setValue(lora.init_r)
+        self.target_r.setValue(lora.target_r)
+        self.tinit.setValue(lora.tinit)
+        self.tfinal.setValue(lora.tfinal)
+        self.delta_t.setValue(lora.deltaT)
         self.quant.setCurrentIndex(max(0, self.quant.findData(config.model.quant)))
         self.max_len.setValue(config.data.max_len)
         self.packing.setChecked(config.data.packing)

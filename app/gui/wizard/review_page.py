@@ -15,10 +15,12 @@ from PySide6.QtWidgets import (
 from app.core.config import RunConfig
 from app.core.errors import TailorError
 from app.core.estimate import FITS, TIGHT, MemoryEstimate, auto_fit, estimate_training_memory, verdict
+from app.core.footprint import Footprint, describe_adapter, footprint
 from app.gui.style import BAD, GOOD, MUTED, WARN, gigabytes
 from app.gui.wizard.adapter_page import AdapterPage
 from app.gui.wizard.base import WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
+from app.gui.workers import run_function
 
 SEGMENT_COLOURS = ("#4e79a7", "#59a14f", "#edc948", "#f28e2b", "#e15759", "#b07aa1", "#9c755f")
 VERDICT_COLOURS = {FITS: GOOD, TIGHT: WARN}
@@ -96,6 +98,29 @@ class ReviewPage(WizardPage):
         summary_column.addSpacing(12)
         summary_column.addWidget(next_steps)
         summary_column.addStretch(1)
+        self.footprint: Footprint | None = None
+        self._footprint_request = 0
+        self.footprint_note = QLabel("Counting with peft…")
+        self.footprint_note.setObjectName("muted")
+        self.footprint_note.setWordWrap(True)
+        self.footprint_table = QTableWidget(0, 4)
+        self.footprint_table.setHorizontalHeaderLabels(["", "This run", "Full fine-tuning", "Share"])
+        self.footprint_table.verticalHeader().hide()
+        self.footprint_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.footprint_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.footprint_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.footprint_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.footprint_table.setSizeAdjustPolicy(QAbstractItemView.SizeAdjustPolicy.AdjustToContents)
+        self.footprint_table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        footprint_box = QGroupBox("What LoRA saves")
+        footprint_box.setToolTip("<p>This run's adapter against training every weight of the base model: the "
+                                 "parameters it trains, the file it saves and the memory it needs.</p>")
+        footprint_column = QVBoxLayout(footprint_box)
+        footprint_column.addWidget(self.footprint_table)
+        footprint_column.addWidget(self.footprint_note)
+        left_column = QVBoxLayout()
+        left_column.addWidget(summary_box, 1)
+        left_column.addWidget(footprint_box)
 
         self.bar = MemoryBar()
         self.verdict_label = QLabel()
@@ -131,7 +156,7 @@ class ReviewPage(WizardPage):
 
         layout = QHBoxLayout(self.body)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(summary_box, 1)
+        layout.addLayout(left_column, 1)
         layout.addWidget(memory_box, 1)
 
     # Where the run will happen and what is free there
@@ -165,6 +190,42 @@ class ReviewPage(WizardPage):
     def enter(self) -> None:
         self.changes.clear()
         self.refresh()
+        self.count_footprint()
+
+    def count_footprint(self) -> None:
+        """Count the adapter with peft on a worker (torch and the model build take a moment); a newer request
+        overrides an older one still running."""
+        try:
+            config = self._build_config()
+        except TailorError:
+            return  # refresh() already shows why
+        steps, device = total_steps(config, self.context.dataset.report.usable_rows), self.device()
+        self._footprint_request += 1
+        request = self._footprint_request
+        self.footprint_note.setText("Counting with peft…")
+        job = run_function(lambda report: footprint(config, steps, device))
+        job.succeeded.connect(lambda result: self._show_footprint(result, request))
+        job.failed.connect(lambda failure: self._footprint_failed(failure, request))
+
+    def _footprint_failed(self, failure, request: int) -> None:
+        if request == self._footprint_request:
+            self.footprint_note.setText(f"Could not count the adapter: {failure.message}")
+
+    def _show_footprint(self, result: Footprint, request: int) -> None:
+        if request != self._footprint_request:
+            return
+        self.footprint = result
+        rows = result.rows()
+        self.footprint_table.setRowCount(len(rows))
+        for row, (label, this_run, full, share) in enumerate(rows):
+            self.footprint_table.setItem(row, 0, QTableWidgetItem(label))
+            for column, text in enumerate((this_run, full, share), start=1):
+                self.footprint_table.setItem(row, column, _right_aligned(text, bold=column == 1))
+        bound = " The AdaLoRA file size is an upper bound: pruning decides the final rank." \
+            if result.adapter_size_is_bound else ""
+        self.footprint_note.setText(f"{result.trainable_params:,} of {result.total_params:,} parameters are "
+                                    f"trained; the rest stay frozen{' in 4-bit' if '4-bit' in result.base_model else ''}."
+                                    + bound)
 
     def refresh(self) -> None:
         """Recompute the estimate for the current settings; cheap arithmetic, so also done on every GPU reading."""
@@ -192,7 +253,7 @@ class ReviewPage(WizardPage):
 
     def _estimate(self, config: RunConfig) -> MemoryEstimate:
         return estimate_training_memory(
-            self.context.model.shape, quant=config.model.quant, rank=config.lora.rank,
+            self.context.model.shape, quant=config.model.quant, rank=config.lora.largest_rank,
             target_modules=config.lora.target_modules, max_len=config.data.max_len,
             batch_size=config.training.batch_size, gradient_checkpointing=config.training.gradient_checkpointing,
             device=self.device(),
@@ -202,14 +263,12 @@ class ReviewPage(WizardPage):
         while self.summary.rowCount():
             self.summary.removeRow(0)
         model, dataset = self.context.model, self.context.dataset
-        lora, training = config.lora, config.training
-        adapter_kind = " + DoRA" if lora.use_dora else ""
+        training = config.training
         rows = [
             ("Persona", config.name),
             ("Base model", f"{model.display_name} ({config.model.quant})"),
             ("Dataset", f"{dataset.report.usable_rows:,} examples from {dataset.loaded.path.name}"),
-            ("Adapter", f"LoRA{adapter_kind}, rank {lora.rank}, alpha {lora.alpha:g}, "
-                        f"{', '.join(lora.target_modules)}"),
+            ("Adapter", describe_adapter(config)),
             ("Length", f"{total_steps(config, dataset.report.usable_rows):,} optimizer steps "
                        + ("(set by max steps)" if training.max_steps else f"({training.epochs:g} epochs)")),
             ("Batch", f"{training.batch_size} × {training.grad_accum} accumulation = "
@@ -264,7 +323,7 @@ class ReviewPage(WizardPage):
             config = self._build_config()
             training = config.training
             fit = auto_fit(
-                self.context.model.shape, self.available_memory(), quant=config.model.quant, rank=config.lora.rank,
+                self.context.model.shape, self.available_memory(), quant=config.model.quant, rank=config.lora.largest_rank,
                 target_modules=config.lora.target_modules, max_len=config.data.max_len,
                 batch_size=training.batch_size, grad_accum=training.grad_accum,
                 gradient_checkpointing=training.gradient_checkpointing, device=self.device(),
