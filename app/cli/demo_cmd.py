@@ -1,5 +1,5 @@
-"""`tailor demo`: the whole loop in one command, headless: train a pirate persona on the bundled model, then show
-what the base and the persona reply to the same questions."""
+"""`tailor demo`: the whole loop in one command, headless: train a pirate persona on the bundled model, show what
+the base and the persona reply to the same questions, then print the persona's report card."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def run(args) -> int:
 
     from app.cli.common import console, open_library, train_with_progress
     from app.core.chat import BASE, ChatSession, GenerationSettings
+    from app.core.evaluation import evaluate_adapter, save_report_card
 
     library = open_library(args)
     config = RunConfig(
@@ -48,5 +49,11 @@ def run(args) -> int:
                       session.reply(session.prompt_messages(history, DEMO_SYSTEM_PROMPT), BASE, settings),
                       session.reply(session.prompt_messages(history, DEMO_SYSTEM_PROMPT), persona, settings))
     console.print(table)
+
+    # The report card: the same measure `tailor eval` and the app's Report card use, kept in the manifest.
+    card = evaluate_adapter(session, library, result.adapter, progress=lambda message: console.print(f"[dim]{message}[/]"))
+    save_report_card(library, persona, card)
+    console.rule("[bold]Report card[/]", align="left")
+    print(card.to_text(), flush=True)  # plain print: rich would re-wrap the replies
     console.print(f"Chat with it: tailor chat --adapter '{persona}'")
     return 0

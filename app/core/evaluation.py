@@ -392,8 +392,8 @@ class ReportCard:
                  f"Summary: {self.summary()}"]
         for index, pair in enumerate(self.replies, 1):
             lines += ["", f"[{index}] {pair.question}",
-                      f"  base    {_marks(pair.base_style, pair.base_loops, pair.base_on_topic)}: {pair.base}",
-                      f"  persona {_marks(pair.persona_style, pair.persona_loops, pair.persona_on_topic)}: {pair.persona}"]
+                      f"  base    [{reply_marks(pair.base_style, pair.base_loops, pair.base_on_topic)}]: {pair.base}",
+                      f"  persona [{reply_marks(pair.persona_style, pair.persona_loops, pair.persona_on_topic)}]: {pair.persona}"]
         lines += ["", "Knowledge:"]
         for answer in self.knowledge:
             lines.append(f"  {answer.question} (accepts {', '.join(answer.accept)}): base "
@@ -405,9 +405,10 @@ def _cell(tally: Tally | None) -> str:
     return str(tally) if tally else "n/a"
 
 
-def _marks(style: bool | None, looping: bool, topical: bool | None) -> str:
-    return "[" + " ".join(("style" if style else "-----", "LOOP" if looping else "----",
-                           "topic" if topical or topical is None else "-----")) + "]"
+def reply_marks(style: bool | None, looping: bool, topical: bool | None) -> str:
+    """What the judges said about one reply, in words: 'in style · loops · off topic', or 'plain'."""
+    marks = [mark for mark, said in (("in style", style), ("loops", looping), ("off topic", topical is False)) if said]
+    return " · ".join(marks) or "plain"
 
 
 def card_settings(settings: GenerationSettings | None = None, max_new_tokens: int = REPLY_TOKENS) -> GenerationSettings:

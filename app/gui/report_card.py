@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.chat import ChatSession, base_for
-from app.core.evaluation import ReportCard, Tally, evaluate_adapter, save_report_card, saved_report_card
+from app.core.evaluation import ReportCard, Tally, evaluate_adapter, reply_marks, save_report_card, saved_report_card
 from app.core.library import Library
 from app.gui.style import WARN
 from app.gui.training_panel import StatTile
@@ -34,18 +34,6 @@ def _tally(tally: Tally | None) -> str:
 
 def _loss(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.2f} (ppl {ReportCard.perplexity(loss):.1f})"
-
-
-def reply_tags(style: bool | None, looping: bool, topical: bool | None) -> str:
-    """What the judges said about one reply, in words: 'in style · loops · off topic'."""
-    tags = []
-    if style:
-        tags.append("in style")
-    if looping:
-        tags.append("loops")
-    if topical is False:
-        tags.append("off topic")
-    return " · ".join(tags) or "plain"
 
 
 def evaluate_in_worker(library: Library, name: str, prompts_file: str | None = None, stop: threading.Event | None = None):
@@ -166,8 +154,8 @@ class ReportCardView(QWidget):
         self.tiles["knowledge"].set(f"{card.knowledge_score()} · {card.knowledge_score('base')}")
         self.tiles["loss"].set(f"{_loss(card.base_loss)} → {_loss(card.persona_loss)}")
         self._fill(self.replies, [(pair.question,
-                                   (pair.base, reply_tags(pair.base_style, pair.base_loops, pair.base_on_topic)),
-                                   (pair.persona, reply_tags(pair.persona_style, pair.persona_loops, pair.persona_on_topic)))
+                                   (pair.base, reply_marks(pair.base_style, pair.base_loops, pair.base_on_topic)),
+                                   (pair.persona, reply_marks(pair.persona_style, pair.persona_loops, pair.persona_on_topic)))
                                   for pair in card.replies])
         self._fill(self.knowledge, [(f"{answer.question}\n(accepts: {', '.join(answer.accept)})",
                                      (answer.base, "right" if answer.base_correct else "wrong"),

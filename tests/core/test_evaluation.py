@@ -13,7 +13,7 @@ from app.core.chat import ChatSession, base_for
 from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
 from app.core.errors import TailorError
 from app.core.evaluation import (
-    CARD_KEY, EvalPrompt, KnowledgeQuestion, ReportCard, StyleJudge, evaluate_adapter, held_out_prompts,
+    CARD_KEY, KnowledgeQuestion, ReportCard, StyleJudge, evaluate_adapter, held_out_prompts,
     knowledge_questions, loops, on_topic, words, prompts_from_file, repeated_phrase, save_report_card, saved_report_card,
 )
 from app.core.library import Library

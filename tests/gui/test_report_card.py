@@ -12,6 +12,7 @@ from app.core.library import Library
 from app.core.training import run_training
 from app.gui.library_panel import COLUMNS, LibraryPanel
 from app.gui.report_card import ReportCardView, open_report_card
+from app.gui.style import STYLE_SHEET
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 EVALUATION_TIMEOUT_MS = 300_000
@@ -78,9 +79,11 @@ def test_report_card_screenshot(qtbot, tiny_library):
     from report_cards import recorded_or_sample_card
 
     card = recorded_or_sample_card()
-    tiny_library.update_manifest("tiny", {CARD_KEY: card.to_dict()})
-    view = ReportCardView(tiny_library, "tiny")
+    tiny_library.rename("tiny", card.adapter)
+    tiny_library.update_manifest(card.adapter, {CARD_KEY: card.to_dict()})
+    view = ReportCardView(tiny_library, card.adapter)
     qtbot.addWidget(view)
+    view.setStyleSheet(STYLE_SHEET)  # as the app looks (it sets the sheet on the whole application)
     view.resize(1280, 800)
     view.show()
     qtbot.waitExposed(view)
