@@ -193,7 +193,7 @@ def test_a_resumed_budget_prunes_exactly_like_an_uninterrupted_run(tiny_base):
     stop_at = 5  # inside the pruning phase: importance averages and a rank pattern are in flight
     train(whole, optimizer, range(1, stop_at + 1))
     saved = {"budget": budget_state(whole), "optimizer": optimizer.state_dict()}
-    saved = torch.load(_roundtrip(saved), weights_only=False)  # as a checkpoint file would hold it
+    saved = torch.load(_roundtrip(saved), weights_only=True)  # as the trainer's checkpoint file holds it
     train(whole, optimizer, range(stop_at + 1, TOTAL_STEPS + 1))
 
     torch.manual_seed(99)  # a different initialisation, all of it overwritten by the restore
