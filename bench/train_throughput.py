@@ -61,9 +61,11 @@ def steady_rate(marks: list[tuple[float, int]], steps: int) -> tuple[int, float]
 def tailor_config(args):
     from app.core.config import DataSettings, RunConfig, TrainingSettings
 
-    # Tailor's defaults, apart from the run length, the checkpoint interval (none mid-run) and the setting compared.
+    # Tailor's defaults, apart from the run length, the checkpoint interval (none mid-run), the setting compared, and
+    # no held-out evaluation: the reference evaluates nothing, and eval passes inside the timed window would be work
+    # the other side does not do.
     return RunConfig(
-        name="bench", data=DataSettings(path=args.data, max_len=args.max_len),
+        name="bench", data=DataSettings(path=args.data, max_len=args.max_len, eval_split=0),
         training=TrainingSettings(max_steps=args.steps, checkpoint_every=10_000,
                                   gradient_checkpointing=args.gradient_checkpointing),
     )
