@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from app import __version__
+from app.core.adalora import budget_state, orthogonal_penalty, restore_budget_state, save_as_lora
 from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
 from app.core.config import RunConfig
 from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
@@ -34,6 +35,7 @@ from app.core.library import (
     LIBRARY_VERSION, MANIFEST_NAME, TRAINING_LOG_NAME, AdapterEntry, Library, write_json_atomic,
 )
 from app.core.models import ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
+from app.core.peft_setup import wrap_base
 from app.core.precision import OomSimulator, compute_dtype, is_out_of_memory
 
 RUN_CONFIG_NAME = "run_config.json"
@@ -252,21 +254,6 @@ def prepare_data(config: RunConfig, resolved: ResolvedBase, sink: Sink) -> RunDa
     return RunData(tokenizer, examples, heldout, heldout_rows if heldout else None, report)
 
 
-def _lora_config(config: RunConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=config.lora.rank,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.peft_target_modules(),
-        use_dora=config.lora.use_dora,
-        use_rslora=config.lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
 def _memory_bytes(device: str) -> int:
     if device == "cuda":
         import torch
@@ -324,7 +311,6 @@ class TrainingRun:
 
     def __init__(self, config: RunConfig, library: Library, sink: Sink, resolved: ResolvedBase, data: RunData):
         import torch
-        from peft import get_peft_model
         from transformers import get_scheduler
 
         self.config, self.library, self.sink, self.resolved, self.data = config, library, sink, resolved, data
@@ -338,10 +324,11 @@ class TrainingRun:
                           dtype=self.precision.dtype)
         if training.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = get_peft_model(base, _lora_config(config))
+        self.total_steps = training.planned_steps(len(data.train))
+        self.adalora = config.lora.method == "adalora"
+        self.model = wrap_base(base, config, self.total_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
-        self.total_steps = training.planned_steps(len(data.train))
         self.scheduler = get_scheduler(training.lr_schedule, self.optimizer,
                                        num_warmup_steps=training.warmup_steps(self.total_steps),
                                        num_training_steps=self.total_steps)
@@ -351,7 +338,7 @@ class TrainingRun:
         self.eval_every = training.eval_interval(self.total_steps)
         self.progress = RunProgress(micro_batch_size=training.batch_size)
         self.oom_simulator = OomSimulator()
-        self._started = time.monotonic()
+        self._in_optimizer_update = False
 
     # Named points of the recipe
 
@@ -367,11 +354,13 @@ class TrainingRun:
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.oom_simulator.check(self.progress.step + 1)
         loss_total = 0.0
-        for batch in batches:
+        for index, batch in enumerate(batches):
             with self._autocast():
                 loss_sum, _ = trained_token_loss(self.model, batch, self.device)
             # Normalised by the whole step's trained tokens, so the gradient is the same however the step is split.
             loss = loss_sum / step_tokens
+            if self.adalora and index == 0:
+                loss = loss + orthogonal_penalty(self.model)  # once per step, as peft adds it once per forward
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss_sum.detach())
         self._optimizer_step()
@@ -455,7 +444,11 @@ class TrainingRun:
             raise TailorError(f"The dataset {self.data.report.path} changed since the run started, so it cannot be "
                               "resumed.", "Restore the original file, or delete the run folder and start again: "
                               + str(self.run_dir))
-        set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors", device=self.device))
+        if self.adalora:
+            restore_budget_state(self.model, state["adalora"])  # peft's own save drops the pruned ranks' rows
+        else:
+            set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors",
+                                                            device=self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -500,18 +493,20 @@ class TrainingRun:
 
     def publish(self) -> AdapterEntry:
         """Write the PEFT folder and manifest into staging, then rename it into the library in one step."""
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         config, progress = self.config, self.progress
         kept_step = progress.step
         best = progress.best_eval
         if config.training.keep == "best" and best and best["step"] != progress.step:
-            set_peft_model_state_dict(self.model, load_file(self.run_dir / BEST_NAME, device=self.device))
+            self._load_trainable(load_file(self.run_dir / BEST_NAME, device=self.device))
             kept_step = best["step"]
         report = self.data.report
         with self.library.staging() as staged:
-            self.model.save_pretrained(staged)
+            if self.adalora:
+                save_as_lora(self.model, staged)  # shareable: plain LoRA, pruned ranks dropped, E folded into A
+            else:
+                self.model.save_pretrained(staged)
             adapter_config = json.loads((staged / "adapter_config.json").read_text())
             adapter_config["base_model_name_or_path"] = self.resolved.model_id
             write_json_atomic(staged / "adapter_config.json", adapter_config)
@@ -541,6 +536,14 @@ class TrainingRun:
             write_json_atomic(staged / MANIFEST_NAME, manifest)
             write_json_atomic(staged / TRAINING_LOG_NAME, progress.history)
             return self.library.publish(staged, config.name)
+
+    def _load_trainable(self, tensors: dict) -> None:
+        import torch
+
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                parameters[name].copy_(tensor)
 
     def release(self) -> None:
         del self.model, self.optimizer, self.trainable
@@ -573,8 +576,6 @@ class TrainingRun:
 
         return torch.autocast("cuda", dtype=torch.float16) if self.scaler else nullcontext()
 
-    _in_optimizer_update = False
-
     def _optimizer_step(self) -> None:
         import torch
 
@@ -587,6 +588,9 @@ class TrainingRun:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.adalora:
+            # Scores each rank by its weights' gradients (still there before zero_grad) and prunes on schedule.
+            self.model.base_model.update_and_allocate(self.progress.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._in_optimizer_update = False
@@ -596,15 +600,16 @@ class TrainingRun:
         return {"progress": asdict(self.progress), "total_steps": self.total_steps,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _rng_state(self.device),
-                "dataset_fingerprint": self.data.report.fingerprint}
+                "dataset_fingerprint": self.data.report.fingerprint,
+                "adalora": budget_state(self.model) if self.adalora else None}
 
     def _save_best(self, eval_loss: float) -> None:
-        from peft import get_peft_model_state_dict
+        """The adapter's trainable tensors at full size by parameter name (AdaLoRA's pruned rows included)."""
         from safetensors.torch import save_file
 
         staging = self.run_dir / f".{BEST_NAME}.new"
-        save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()},
-                  staging)
+        save_file({name: parameter.detach().cpu().contiguous() for name, parameter in self.model.named_parameters()
+                   if parameter.requires_grad}, staging)
         os.replace(staging, self.run_dir / BEST_NAME)
         self.progress.best_eval = {"step": self.progress.step, "eval_loss": eval_loss}
 

@@ -310,3 +310,48 @@ def test_the_train_command_recovers_from_simulated_oom_and_exits_0(tiny_base, ch
     assert "out of memory at step 2" in finished.stdout.lower()
     manifest = Library(tmp_path / "lib").get("oom").manifest
     assert manifest["steps"] == 4 and manifest["oom_recoveries"][0]["micro_batch_size"] == 2
+
+
+def adalora_config(base: Path, data: Path, **training) -> RunConfig:
+    config = tiny_config(base, data, **{"max_steps": 12, "checkpoint_every": 4, **training})
+    return config.replace(lora=LoraSettings(method="adalora", init_r=8, target_r=4, alpha=8, dropout=0.0,
+                                            tinit=0.2, tfinal=0.3))
+
+
+def test_adalora_prunes_to_its_target_budget_and_publishes_a_plain_lora(tiny_base, chat_jsonl, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from app.core.adalora import read_rank_allocation
+    from app.core.models import load_model
+
+    result = run_training(adalora_config(tiny_base, chat_jsonl), Library(tmp_path / "lib"))
+    allocation = read_rank_allocation(result.adapter.path)
+    assert allocation is not None and allocation.average_rank == pytest.approx(4, abs=0.5)
+    assert max(allocation.final_ranks.values()) <= 8 and min(allocation.final_ranks.values()) < 8
+    config = json.loads((result.adapter.path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    model = PeftModel.from_pretrained(load_model(tiny_base, "4bit", "cpu"), result.adapter.path)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_adalora_pause_and_resume_keep_the_budget_state(tiny_base, chat_jsonl, tmp_path):
+    import torch
+
+    config = adalora_config(tiny_base, chat_jsonl)
+    straight = run_training(config, Library(tmp_path / "straight"))
+    library = Library(tmp_path / "interrupted")
+    control = TrainingControl()
+    # Pause inside the pruning phase, where the importance averages decide what goes next.
+    run_training(config, library, lambda e: isinstance(e, StepEvent) and e.step >= 5 and control.request_pause(),
+                 control)
+    assert 5 <= interrupted_run_progress(library, "tiny")[0] < 12
+    resumed = run_training(config, library, resume=True)
+
+    from app.core.adalora import read_rank_allocation
+
+    assert read_rank_allocation(resumed.adapter.path).final_ranks == read_rank_allocation(straight.adapter.path).final_ranks
+    expected, actual = _adapter_tensors(straight.adapter), _adapter_tensors(resumed.adapter)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
