@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 from app.core.chat import BASE, ChatSession, GenerationSettings, StopFlag
 from app.core.data import Messages, load_dataset_file, tokenize_conversation, with_system_prompt
 from app.core.errors import DatasetError, TailorError
+from app.core.heldout import read_heldout
 from app.core.library import AdapterEntry, Library
 from app.core.paths import resources_dir
 
@@ -113,18 +114,19 @@ def training_conversations(entry: AdapterEntry) -> list[Messages]:
 
 
 def held_out_prompts(entry: AdapterEntry, conversations: list[Messages]) -> tuple[list[EvalPrompt], str]:
-    """The prompts the card asks, and where they came from.
-
-    Until training records its own held-out split, the last ~10% of the training data stands in for it (those
-    examples were trained on, so the persona's loss there is optimistic). This is the one place to point at the
-    recorded split.
-    """
+    """The prompts the card asks, and where they came from: the held-out examples training recorded beside the
+    adapter (never trained on), else the last ~10% of its training data (trained on, so the persona's loss there
+    is optimistic: the card says which)."""
+    recorded = read_heldout(entry.path)
+    if recorded:
+        prompts = [_split_last_reply(conversation) for conversation in recorded[:MAX_PROMPTS]]
+        return prompts, f"{len(prompts)} of {len(recorded)} held-out examples (never trained on)"
     if not conversations:
-        raise TailorError(f"The training data of '{entry.name}' is not available, so there are no held-out prompts.",
+        raise TailorError(f"'{entry.name}' has no recorded held-out examples and its training data is not available.",
                           "Give the questions to ask with --prompts FILE (a chat dataset, or one question per line).")
     count = min(MAX_PROMPTS, max(1, round(len(conversations) * HELD_OUT_FRACTION)))
     prompts = [_split_last_reply(conversation) for conversation in conversations[-count:]]
-    return prompts, f"last {count} of {len(conversations)} training examples"
+    return prompts, f"last {count} of {len(conversations)} training examples (trained on: no held-out split recorded)"
 
 
 # Knowledge
@@ -503,11 +505,12 @@ def evaluate_adapter(session: ChatSession, library: Library, entry: AdapterEntry
     in `prompts_file`; its training replies as the style to recognise; the shipped knowledge questions unless
     `knowledge` says otherwise."""
     persona = session.load_adapter(entry)
-    conversations = training_conversations(training_entry(library, entry))
+    trained_on = training_entry(library, entry)
+    conversations = training_conversations(trained_on)
     if prompts_file:
         prompts, source = prompts_from_file(prompts_file), Path(prompts_file).name
     else:
-        prompts, source = held_out_prompts(entry, conversations)
+        prompts, source = held_out_prompts(trained_on, conversations)
     asked = {prompt.reference for prompt in prompts}
     # The held-out replies themselves stay out of the style profile, or the persona would be judged against them.
     references = [message["content"] for conversation in conversations for message in conversation

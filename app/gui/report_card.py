@@ -146,8 +146,8 @@ class ReportCardView(QWidget):
             for tile in self.tiles.values():
                 tile.set("—")
             return
-        self.subtitle.setText(f"{card.summary()}  —  {len(card.replies)} prompts ({card.prompt_source}) on "
-                              f"{card.base_model} ({card.quant}); {card.settings}; {card.created[:16].replace('T', ' ')}")
+        self.subtitle.setText(f"{card.summary()}  —  {len(card.replies)} prompts from {card.prompt_source}; "
+                              f"{card.base_model} in {card.quant}; {card.settings}; {card.created[:16].replace('T', ' ')}")
         self.tiles["style"].set(f"{_tally(card.style())} · {_tally(card.style('base'))}")
         self.tiles["loops"].set(f"{card.loops()} · {card.loops('base')}")
         self.tiles["topic"].set(f"{_tally(card.on_topic())} · {_tally(card.on_topic('base'))}")

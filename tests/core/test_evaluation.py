@@ -125,17 +125,30 @@ def test_a_missing_prompts_file_is_a_clear_error(tmp_path):
         prompts_from_file(tmp_path / "nope.txt")
 
 
-def test_held_out_fallback_is_the_last_tenth_and_needs_the_data(tmp_path):
+def test_held_out_prompts_are_the_recorded_split_else_the_last_tenth(tmp_path):
     from app.core.data import load_dataset_file
+    from app.core.heldout import split_rows, write_heldout
     from app.core.library import AdapterEntry
 
     entry = AdapterEntry("p", tmp_path, {}, None, 0)
-    conversations = load_dataset_file(DATASETS / "pirate.jsonl").conversations
-    prompts, source = held_out_prompts(entry, conversations)
-    assert len(prompts) == 12 and prompts[-1].reference == conversations[-1][-1]["content"]
-    assert "160" in source
-    with pytest.raises(TailorError, match="--prompts"):
-        held_out_prompts(entry, [])
+    loaded = load_dataset_file(DATASETS / "pirate.jsonl")
+    prompts, source = held_out_prompts(entry, loaded.conversations)
+    assert len(prompts) == 12 and prompts[-1].reference == loaded.conversations[-1][-1]["content"]
+    assert source.startswith("last 12 of 160 training examples")
+
+    _, held = split_rows(loaded, 0.05, seed=1)
+    write_heldout(tmp_path, held)
+    prompts, source = held_out_prompts(entry, loaded.conversations)
+    assert [prompt.reference for prompt in prompts] == [conversation[-1]["content"] for conversation in held.conversations]
+    assert source == "8 of 8 held-out examples (never trained on)"
+
+
+def test_without_a_split_or_the_data_the_card_asks_for_prompts(tmp_path):
+    from app.core.library import AdapterEntry
+
+    with pytest.raises(TailorError, match="no recorded held-out") as raised:
+        held_out_prompts(AdapterEntry("p", tmp_path, {}, None, 0), [])
+    assert "--prompts" in raised.value.hint
 
 
 # The card on a tiny model
@@ -155,7 +168,7 @@ def test_card_on_a_tiny_model_is_saved_in_the_manifest_and_reproducible(tiny_bas
     card = evaluate_adapter(session, library, library.get("tiny"), progress=messages.append)
 
     assert card.adapter == "tiny" and card.system_prompt == "You are a pirate."
-    assert len(card.replies) == 2 and card.prompt_source == "last 2 of 16 training examples"
+    assert len(card.replies) == 2 and card.prompt_source.startswith("last 2 of 16 training examples")
     assert len(card.knowledge) == len(knowledge_questions())
     assert card.base_loss > 0 and card.persona_loss > 0 and card.loss_tokens > 0
     assert card.base_loss != card.persona_loss  # the adapter changed something
