@@ -34,9 +34,9 @@ BASE_LABEL = "Base (no adapter)"
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How a reply is decoded. The defaults are those of the local-LLM apps people already use (llama.cpp, Ollama,
-    LM Studio): sampling at temperature 0.7 among the top-40 tokens within top-p 0.9, and a 1.1 penalty on tokens
-    used in the last 64. Greedy decoding of a small model tends to fall into loops ("Arr, matey! Arr, matey! ...");
+    """How a reply is decoded. The defaults follow the local-LLM apps people already use (Ollama's: top-k 40, top-p
+    0.9, repeat penalty 1.1 over the last 64 tokens; a slightly cooler temperature, 0.7 instead of 0.8, for small
+    models that drift). Greedy decoding of a small model tends to fall into loops ("Arr, matey! Arr, matey! ...");
     sampling plus a penalty on recent repeats keeps it talking."""
 
     max_new_tokens: int = 256
