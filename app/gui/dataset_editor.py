@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, QTimer, Signal
-from PySide6.QtGui import QKeySequence, QUndoCommand, QUndoStack
+from PySide6.QtGui import QColor, QKeySequence, QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
     QHBoxLayout, QHeaderView, QLabel, QPlainTextEdit, QPushButton, QSplitter, QStyledItemDelegate, QTableView,
@@ -150,8 +150,6 @@ class ExamplesModel(QAbstractTableModel):
             if column == CHECK:
                 return self.notes.get(row.uid, "")
         if role == Qt.ItemDataRole.ForegroundRole:
-            from PySide6.QtGui import QColor
-
             if column == TOKENS and row.length is not None and row.length > self.max_len:
                 return QColor(WARN)
             if column == CHECK and row.uid in self.notes:
@@ -408,8 +406,8 @@ class DatasetEditor(QWidget):
     selection_changed = Signal(object)
     """The selected example's messages (or None): the masking preview shows it."""
     saved = Signal(str)
-    save_failed = Signal(object)
-    """A Failure from Save as…"""
+    failed = Signal(object)
+    """A Failure from a background job (the check, or Save as…)."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -432,6 +430,8 @@ class DatasetEditor(QWidget):
         self.add_button = QPushButton("Add example")
         self.delete_button = QPushButton("Delete")
         self.delete_button.setShortcut(QKeySequence.StandardKey.Delete)
+        self.dedupe_button = QPushButton("Remove duplicates")
+        self.dedupe_button.setToolTip("Delete every example that repeats an earlier one, exactly or nearly (undoable).")
         self.undo_button = QPushButton("Undo")
         self.redo_button = QPushButton("Redo")
         self.save_button = QPushButton("Save as…")
@@ -471,7 +471,8 @@ class DatasetEditor(QWidget):
         bar.setContentsMargins(0, 0, 0, 0)
         bar.addWidget(self.filter)
         bar.addWidget(self.count, 1)
-        for button in (self.add_button, self.delete_button, self.undo_button, self.redo_button, self.save_button):
+        for button in (self.add_button, self.delete_button, self.dedupe_button, self.undo_button, self.redo_button,
+                       self.save_button):
             bar.addWidget(button)
         turns_caption = QLabel("Turns of the selected example (double-click a text to edit it)")
         turns_caption.setObjectName("muted")
@@ -497,6 +498,7 @@ class DatasetEditor(QWidget):
         self.filter.currentIndexChanged.connect(self._apply_filter)
         self.add_button.clicked.connect(self.add_example)
         self.delete_button.clicked.connect(self.delete_selected)
+        self.dedupe_button.clicked.connect(self.remove_duplicates)
         self.undo_button.clicked.connect(self.model.undo_stack.undo)
         self.redo_button.clicked.connect(self.model.undo_stack.redo)
         self.model.undo_stack.canUndoChanged.connect(self.undo_button.setEnabled)
@@ -550,6 +552,17 @@ class DatasetEditor(QWidget):
         if rows:
             self.model.undo_stack.push(DeleteExamples(self.model, rows))
 
+    def remove_duplicates(self) -> None:
+        """Delete the rows the last check found repeating an earlier one (one undo step brings them all back)."""
+        if self.report is None:
+            return
+        present = {id(row) for row in self.model.rows}
+        # A row edited since the check lost its note: it may not repeat anything any more, so it stays.
+        rows = [row for row in (self._snapshot[index] for index in self.report.duplicates)
+                if id(row) in present and row.uid in self.model.notes]
+        if rows:
+            self.model.undo_stack.push(DeleteExamples(self.model, rows))
+
     def add_example(self) -> None:
         """A new empty user/assistant pair after the selection (or at the end), selected and ready to type into."""
         selected = self.selected_rows()
@@ -590,6 +603,7 @@ class DatasetEditor(QWidget):
         self.undo_button.setEnabled(self.model.undo_stack.canUndo())
         self.redo_button.setEnabled(self.model.undo_stack.canRedo())
         self.save_button.setEnabled(total > 0)
+        self.dedupe_button.setEnabled(bool(self.report and self.report.duplicates))
 
     # Checking every row, off the GUI thread
 
@@ -615,7 +629,7 @@ class DatasetEditor(QWidget):
 
         self._analysis = run_function(work)
         self._analysis.succeeded.connect(lambda result: self._analysed(snapshot, *result))
-        self._analysis.failed.connect(lambda failure: self.save_failed.emit(failure))
+        self._analysis.failed.connect(self.failed)
         self._analysis.finished.connect(self._analysis_ended)
 
     def _analysed(self, snapshot: list[Row], report: EditorReport, lengths: list[int]) -> None:
@@ -625,6 +639,7 @@ class DatasetEditor(QWidget):
         self._snapshot = snapshot
         self.report = report
         self.model.apply_report(snapshot, report)
+        self._update_buttons()
         if self.filter.currentData() != "all":
             self._apply_filter()
         self.analysis_ready.emit(report)
@@ -657,7 +672,7 @@ class DatasetEditor(QWidget):
         conversations = self.model.conversations()
         self._save_job = run_function(lambda report: str(save_chat_jsonl(path, conversations)))
         self._save_job.succeeded.connect(self._saved)
-        self._save_job.failed.connect(self.save_failed)
+        self._save_job.failed.connect(self.failed)
         self._save_job.finished.connect(lambda: setattr(self, "_save_job", None))
 
     def _saved(self, path: str) -> None:

@@ -112,6 +112,10 @@ def test_background_check_flags_rows_and_the_filters_show_them(qtbot, editor):
     editor.delete_selected()
     editor.filter.setCurrentIndex(editor.filter.findData("all"))
     assert editor.model.rowCount() == 3
+    editor.model.undo_stack.undo()
+    assert editor.dedupe_button.isEnabled()
+    editor.dedupe_button.click()
+    assert [row.messages[0]["content"] for row in editor.model.rows] == [rows[0][0]["content"], "No answer here", "long " * 40]
     # Editing re-runs the check: the duplicate is gone, the row without a reply gets one.
     with qtbot.waitSignal(editor.analysis_ready, timeout=LOAD_TIMEOUT_MS) as again:
         editor.model.setData(editor.model.index(1, ASSISTANT), "Here is one")
@@ -129,7 +133,7 @@ def test_save_as_writes_the_edited_rows_atomically(qtbot, editor, tmp_path):
     assert load_dataset_file(target).conversations == [chat("Hello", "Ahoy"), chat("Bye", "Fair winds, matey")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.jsonl"]
 
-    with qtbot.waitSignal(editor.save_failed, timeout=LOAD_TIMEOUT_MS) as failed:
+    with qtbot.waitSignal(editor.failed, timeout=LOAD_TIMEOUT_MS) as failed:
         editor.save_to(str(tmp_path / "missing-folder" / "x.jsonl"))
     assert "does not exist" in failed.args[0].message
     qtbot.waitUntil(lambda: not editor.is_busy)

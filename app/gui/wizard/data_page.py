@@ -171,7 +171,7 @@ class DataPage(WizardPage):
         self.editor.analysis_ready.connect(self._analysed)
         self.editor.selection_changed.connect(self._show_example)
         self.editor.saved.connect(self._saved_as)
-        self.editor.save_failed.connect(self.show_failure)
+        self.editor.failed.connect(self.show_failure)
         self._columns_overridden = False
         self._converted_from: str | None = None
         default = sample_datasets()
