@@ -26,12 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SETTINGS = (  # (batch size, max length, gradient checkpointing)
+SETTINGS = (  # (batch size, max length, gradient checkpointing): each of the three varies once from (4, 256, on)
     (1, 256, True),
+    (4, 256, True),
     (4, 512, True),
     (4, 512, False),
-    (2, 1024, False),
-    (8, 1024, True),
 )
 RANK = 16
 SAMPLE_INTERVAL_S = 0.01
@@ -49,10 +48,13 @@ def long_reply_dataset(path: Path, rows: int = 24) -> Path:
     return path
 
 
-def _rss_bytes() -> int:
+def _rss_bytes() -> tuple[int, int]:
+    """(resident, resident anonymous): the second leaves out file pages (the mapped checkpoint, libraries' code),
+    which the kernel can drop and re-read rather than run out of memory."""
     import psutil
 
-    return psutil.Process().memory_info().rss
+    info = psutil.Process().memory_info()
+    return info.rss, info.rss - info.shared
 
 
 def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: str) -> dict:
@@ -60,18 +62,23 @@ def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: s
     from app.core.library import Library
     from app.core.training import StartEvent, run_training
 
-    peaks = {"loading": 0, "training": 0}
+    peaks = {"loading": 0, "training": 0, "loading_anon": 0, "training_anon": 0}
     phase = ["loading"]
     done = threading.Event()
 
+    def record() -> None:
+        rss, anonymous = _rss_bytes()
+        peaks[phase[0]] = max(peaks[phase[0]], rss)
+        peaks[phase[0] + "_anon"] = max(peaks[phase[0] + "_anon"], anonymous)
+
     def sample() -> None:
         while not done.is_set():
-            peaks[phase[0]] = max(peaks[phase[0]], _rss_bytes())
+            record()
             time.sleep(SAMPLE_INTERVAL_S)
 
     def sink(event) -> None:
         if isinstance(event, StartEvent):
-            peaks["loading"] = max(peaks["loading"], _rss_bytes())
+            record()
             phase[0] = "training"
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -133,7 +140,7 @@ def main() -> int:
             share = trained_share(dataset, max_len)
             estimate = estimate_training_memory(shape, quant="4bit", rank=RANK, max_len=max_len, batch_size=batch,
                                                 gradient_checkpointing=checkpointing, device="cpu",
-                                                trained_share=share)
+                                                trained_share=share, checkpoint_bytes=4)  # fp32 conversion
             rows.append({"batch": batch, "max_len": max_len, "checkpointing": checkpointing, "trained_share": share,
                          "estimate": estimate.total, **measured,
                          "ratio": estimate.total / measured["ru_maxrss"]})
@@ -141,11 +148,12 @@ def main() -> int:
     print(f"SmolLM2-135M 4-bit on the CPU ({str(dtype).removeprefix('torch.')} compute), LoRA r{RANK}, "
           f"{args.steps} steps per run; GB = 2^30 bytes")
     print(f"{'batch':>5} {'len':>5} {'ckpt':>5} {'trained':>8} {'load peak':>10} {'train peak':>11} "
-          f"{'peak RSS':>9} {'estimate':>9} {'est/RSS':>8}")
+          f"{'train anon':>11} {'peak RSS':>9} {'estimate':>9} {'est/RSS':>8}")
     for row in rows:
         print(f"{row['batch']:>5} {row['max_len']:>5} {'on' if row['checkpointing'] else 'off':>5} "
               f"{row['trained_share']:>8.0%} {row['loading'] / GB:>10.2f} {row['training'] / GB:>11.2f} "
-              f"{row['ru_maxrss'] / GB:>9.2f} {row['estimate'] / GB:>9.2f} {row['ratio']:>8.2f}")
+              f"{row['training_anon'] / GB:>11.2f} {row['ru_maxrss'] / GB:>9.2f} {row['estimate'] / GB:>9.2f} "
+              f"{row['ratio']:>8.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     outside = [row for row in rows if not 0.85 <= row["ratio"] <= 1.15]

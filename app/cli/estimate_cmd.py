@@ -54,6 +54,20 @@ def resolve_shape(base: str) -> tuple[str, ModelShape]:
     )
 
 
+def checkpoint_bytes(base: str) -> int:
+    """Bytes per weight in the files the model loads from: fp32 for the bundled model (Tailor converts its GGUF
+    into an fp32 folder), what config.json says for a folder, bf16 (as published) for the catalogue's hub models."""
+    if base == "default":
+        return 4
+    config = Path(base).expanduser() / "config.json"
+    if config.is_file():
+        import json
+
+        raw = json.loads(config.read_text())
+        return 4 if (raw.get("dtype") or raw.get("torch_dtype")) == "float32" else 2
+    return 2
+
+
 def _count(parameters: int) -> str:
     return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
 
@@ -69,7 +83,7 @@ def run(args) -> int:
     device = args.device or pick_device()
     estimate = estimate_training_memory(
         shape, quant=args.quant, rank=args.rank, max_len=args.max_len, batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing, device=device,
+        gradient_checkpointing=args.gradient_checkpointing, device=device, checkpoint_bytes=checkpoint_bytes(args.base),
     )
 
     console = Console()

@@ -12,6 +12,8 @@ Static for the whole run:
   trainable parameters.
 - Runtime: on CUDA the context the driver, cuBLAS and the kernels take before the first tensor; on the CPU the
   Python interpreter with PyTorch, transformers, peft and bitsandbytes loaded, and the tokenizer and dataset.
+- Loading, on the CPU: the checkpoint file is mapped into memory while the model is built from it, so for small
+  batches the process peaks while loading, not while training; the estimate takes the larger of the two.
 
 Activations, at the moment of the peak. Autograd saves, per token and per decoder block, in the compute dtype unless
 noted (checked against the tensors autograd really saves for a Llama block, about 6% more, on purpose):
@@ -68,6 +70,8 @@ TRAINED_SHARE = 0.75
 BLOCK_BACKWARD_WORKING_SHARE = 0.5
 """Gradients alive while one block runs its backward, as a share of that block's saved activations (measured on
 the CPU: autograd frees each activation's gradient as soon as the next one is computed)."""
+CHECKPOINT_BYTES = 2
+"""Bytes per weight in a model's files: published safetensors are bf16."""
 CUDA_CONTEXT_BYTES = GB // 2
 CPU_RUNTIME_BYTES = 600 * 1024**2
 """Resident memory of a CPU training process before the model loads: Python with torch, transformers, peft and
@@ -100,6 +104,9 @@ class MemoryEstimate:
     """Whether the activations were counted with gradient checkpointing on."""
     device: str = "cuda"
     """'cuda' or 'cpu': where the run would happen."""
+    loading: int = 0
+    """CPU only: how far loading peaks above training, with the whole checkpoint file mapped into memory while it
+    is read and quantised; 0 when training needs more (and always on CUDA, where the file passes through RAM)."""
 
     @property
     def backward_peak(self) -> int:
@@ -134,7 +141,7 @@ class MemoryEstimate:
              self.activations, "activations"),
             peak,
             ("CUDA context" if self.device == "cuda" else "Python and libraries", self.runtime, "runtime"),
-        ]
+        ] + ([("Extra while loading the checkpoint", self.loading, "loading")] if self.loading else [])
 
 
 @dataclass(frozen=True)
@@ -222,11 +229,14 @@ def estimate_training_memory(
     device: str = "cuda",
     compute_bytes: int | None = None,
     trained_share: float = TRAINED_SHARE,
+    checkpoint_bytes: int = CHECKPOINT_BYTES,
 ) -> MemoryEstimate:
     """Peak memory of a LoRA/QLoRA run with these settings (see the module docstring for what is counted).
 
     compute_bytes is the size of one value in the compute dtype; by default what Tailor computes in on that device
-    (default_compute_bytes). trained_share is the share of tokens that carry a label (0-1].
+    (default_compute_bytes). trained_share is the share of tokens that carry a label (0-1]. checkpoint_bytes is the
+    size of one weight in the model's files (2 for the bf16 safetensors models are published in, 4 for the fp32
+    folders Tailor converts GGUF files into); it matters on the CPU only, while loading.
     """
     if quant not in QUANT_CHOICES:
         raise TailorError(f"Quantisation must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'.")
@@ -257,8 +267,14 @@ def estimate_training_memory(
     recomputed = block if gradient_checkpointing else 0
     block_backward = recomputed + BLOCK_BACKWARD_WORKING_SHARE * block + dequantised_weight
 
+    base_weights = _base_weight_bytes(shape, quant, compute_bytes)
+    training = base_weights + 4 * trainable * FP32_BYTES + math.ceil(saved) + max(math.ceil(logits),
+                                                                                 math.ceil(block_backward))
+    # Loading maps the whole checkpoint file while it builds the (quantised) model next to it; CPU memory only.
+    loading = base_weights + shape.parameter_count * checkpoint_bytes if device == "cpu" else 0
+
     return MemoryEstimate(
-        base_weights=_base_weight_bytes(shape, quant, compute_bytes),
+        base_weights=base_weights,
         adapter_weights=trainable * FP32_BYTES,
         optimizer_states=2 * trainable * FP32_BYTES,
         gradients=trainable * FP32_BYTES,
@@ -266,6 +282,7 @@ def estimate_training_memory(
         logits=math.ceil(logits),
         block_backward=math.ceil(block_backward),
         runtime=CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
+        loading=max(0, loading - training),
         lora_param_count=trainable,
         gradient_checkpointing=gradient_checkpointing,
         device=device,
@@ -376,3 +393,46 @@ def auto_fit(
         f"and {available_bytes / GB:.1f} GB of {place} is free.",
         "Pick a smaller model, use 4-bit quantisation or a lower LoRA rank, or close programs that use the memory.",
     )
+
+
+AUTO_QUANT_SHARE = 0.5
+"""Training with quant 'auto' holds the base in 16 bits only if the whole run's estimate takes at most this share of
+the free memory; the rest is headroom for the estimate's error and for everything else the computer runs."""
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    quant: str
+    """'4bit', '8bit' or 'none' (16-bit LoRA)."""
+    reason: str
+
+
+def choose_training_quant(requested: str, shape: ModelShape, available_bytes: int, *, rank: int,
+                          target_modules, max_len: int, batch_size: int, gradient_checkpointing: bool,
+                          device: str) -> QuantChoice:
+    """What the base is held in while training: the user's pick, or for 'auto' 16-bit LoRA when the run fits
+    comfortably that way (faster: no dequantising every weight at every step; and exact: the persona trains on the
+    weights chat uses) and QLoRA (4-bit) whenever memory is tight."""
+    if requested != "auto":
+        return QuantChoice(requested, "as chosen")
+    sixteen_bit = estimate_training_memory(shape, quant="none", rank=rank, target_modules=target_modules,
+                                           max_len=max_len, batch_size=batch_size,
+                                           gradient_checkpointing=gradient_checkpointing, device=device)
+    where = "GPU memory" if device == "cuda" else "RAM"
+    amounts = f"about {sixteen_bit.total_gb:.1f} GB needed, {available_bytes / 1e9:.1f} GB of {where} free"
+    if sixteen_bit.total <= AUTO_QUANT_SHARE * available_bytes:
+        return QuantChoice("none", f"16-bit LoRA, chosen automatically: it fits comfortably ({amounts}), and is "
+                                   "faster and more exact than 4-bit")
+    return QuantChoice("4bit", f"4-bit QLoRA, chosen automatically: 16-bit would not fit comfortably ({amounts})")
+
+
+def quant_for_run(config, shape: ModelShape, device: str, available_bytes: int | None = None) -> QuantChoice:
+    """`choose_training_quant` for a RunConfig, against the memory free on `device` now (unless given)."""
+    if available_bytes is None and config.model.quant == "auto":
+        from app.core.gpu import free_memory_bytes
+
+        available_bytes = free_memory_bytes(device)
+    return choose_training_quant(
+        config.model.quant, shape, available_bytes or 0, rank=config.lora.largest_rank,
+        target_modules=config.lora.target_modules, max_len=config.data.max_len, batch_size=config.training.batch_size,
+        gradient_checkpointing=config.training.gradient_checkpointing, device="cuda" if device.startswith("cuda") else "cpu")

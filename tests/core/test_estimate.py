@@ -192,6 +192,17 @@ def test_default_compute_dtype_is_the_one_tailor_trains_in():
         0, dtype=compute_dtype("cpu").dtype).element_size()
 
 
+def test_on_the_cpu_a_small_run_peaks_while_loading_the_checkpoint():
+    shape = find_entry("smollm2-135m").shape
+    small = estimate_training_memory(shape, batch_size=1, max_len=256, device="cpu", checkpoint_bytes=4)
+    training = small.total - small.runtime - small.loading
+    assert small.loading == small.base_weights + shape.parameter_count * 4 - training > 0
+    assert small.row_fields()[-1] == "loading" and small.total == sum(amount for _, amount in small.rows())
+    big = estimate_training_memory(shape, batch_size=8, max_len=1024, device="cpu", checkpoint_bytes=4)
+    assert big.loading == 0 and "loading" not in big.row_fields()
+    assert estimate_training_memory(shape, batch_size=1, max_len=256, device="cuda", checkpoint_bytes=4).loading == 0
+
+
 def test_untied_head_is_counted_and_tied_head_is_not():
     untied = find_entry("qwen2.5-7b").shape
     tied = ModelShape(**{**untied.__dict__, "tie_word_embeddings": True})
@@ -399,3 +410,18 @@ def test_estimate_is_above_real_peak_on_cuda(tmp_path):
     # max_memory_allocated never sees the CUDA context, so compare without it.
     without_context = estimate.total - estimate.runtime
     assert peak <= without_context <= 3 * peak
+
+
+def test_auto_quant_trains_16_bit_when_it_fits_comfortably_and_4_bit_when_memory_is_tight():
+    from app.core.catalogue import find_entry
+    from app.core.estimate import AUTO_QUANT_SHARE, choose_training_quant
+
+    shape = find_entry("smollm2-135m").shape
+    settings = dict(rank=16, target_modules=("all-linear",), max_len=512, batch_size=8, gradient_checkpointing=True,
+                    device="cpu")
+    sixteen_bit = estimate_training_memory(shape, quant="none", **settings).total
+    roomy = choose_training_quant("auto", shape, int(sixteen_bit / AUTO_QUANT_SHARE) + 1, **settings)
+    tight = choose_training_quant("auto", shape, int(sixteen_bit / AUTO_QUANT_SHARE) - 1, **settings)
+    assert roomy.quant == "none" and "16-bit LoRA, chosen automatically" in roomy.reason
+    assert tight.quant == "4bit" and "would not fit comfortably" in tight.reason
+    assert choose_training_quant("8bit", shape, 10**12, **settings).quant == "8bit"
