@@ -9,8 +9,8 @@ own when it changes, which takes a millisecond or two.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
 
 from app.core.converters import DEFAULT_GAP_HOURS, SOURCES, guess_source, speakers_in
 from app.core.data import Messages
-from app.core.dataset_edit import FILTERS, EditorReport, analyse, has_reply, save_chat_jsonl, token_lengths
+from app.core.dataset_edit import FILTERS, EditorReport, analyse, save_chat_jsonl, token_lengths
 from app.gui import settings
 from app.gui.style import BAD, WARN
 from app.gui.workers import Job, run_function
@@ -38,17 +38,48 @@ USER, ASSISTANT, TURNS, TOKENS, CHECK = 1, 2, 3, 4, 5
 JSONL_FILTER = "Chat JSONL (*.jsonl);;All files (*)"
 SOURCE_NAMES = {"whatsapp": "WhatsApp chat (.txt export)", "telegram": "Telegram Desktop (result.json)",
                 "discord": "Discord (DiscordChatExporter JSON)", "transcript": "Transcript or script ('Name: line')"}
-_row_ids = itertools.count()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Row:
     """One example. Rows are objects, not indices, so undo finds the same row after other rows came and went."""
 
     messages: Messages
+    """Never changed in place: an edit puts in a new list, so a check running on a snapshot reads a stable one."""
     length: int | None = None
     """Tokens as training renders it; None until counted."""
-    uid: int = field(default_factory=lambda: next(_row_ids))
+    removed: bool = False
+    """Deleted (an undo can bring it back); lets stale check results skip it without a search."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a background check of a snapshot of the rows found, ready for the GUI thread to assign."""
+
+    report: EditorReport
+    lengths: list[int]
+    notes: dict[int, str]
+    """id(row) → what is wrong with it ('no assistant reply', 'duplicate of #12')."""
+    filtered: dict[str, list[Row]]
+    """Filter key → the rows it shows, in dataset order."""
+
+
+def check_rows(snapshot: list[Row], tokenizer, system_prompt: str | None, max_len: int) -> Check:
+    """Count what is uncounted, then find duplicates and problems. Runs on a worker thread: everything here is
+    proportional to the number of rows, which is what must stay off the GUI thread."""
+    conversations = [row.messages for row in snapshot]
+    lengths = [row.length for row in snapshot]
+    uncounted = [i for i, length in enumerate(lengths) if length is None]
+    if uncounted and tokenizer is not None:
+        for i, length in zip(uncounted, token_lengths(tokenizer, [conversations[i] for i in uncounted], system_prompt)):
+            lengths[i] = length
+    lengths = [length or 0 for length in lengths]
+    report = analyse(conversations, lengths, max_len)
+    notes = {id(snapshot[i]): "no assistant reply" for i in report.no_reply}
+    notes.update({id(snapshot[i]): f"duplicate of #{original + 1}" for i, original in enumerate(report.duplicate_of)
+                  if original is not None})
+    filtered = {key: [snapshot[i] for i in report.rows_for(key)] for key in FILTERS if key != "all"}
+    return Check(report, lengths, notes, filtered)
 
 
 def first_text(messages: Messages, role: str) -> tuple[int | None, str]:
@@ -71,9 +102,10 @@ class ExamplesModel(QAbstractTableModel):
         super().__init__(parent)
         self.rows: list[Row] = []
         self.visible: list[Row] = []
+        self.showing_all = True
         self.fetched = 0
         self.notes: dict[int, str] = {}
-        """Row uid → what the last analysis found wrong with it ('no reply', 'duplicate of #12', 'too long')."""
+        """id(row) → what the last check found wrong with it."""
         self.max_len = 512
         self.recount: Callable[[Messages], int] | None = None
         self._numbers: dict[int, int] | None = None
@@ -82,20 +114,27 @@ class ExamplesModel(QAbstractTableModel):
     # Loading and filtering
 
     def set_examples(self, conversations: Sequence[Messages], lengths: Sequence[int | None] | None = None) -> None:
-        lengths = list(lengths) if lengths is not None and len(lengths) == len(conversations) else [None] * len(conversations)
+        if lengths is None or len(lengths) != len(conversations):
+            lengths = [None] * len(conversations)
         self.beginResetModel()
-        self.rows = [Row(list(messages), length) for messages, length in zip(conversations, lengths)]
-        self.visible = list(self.rows)
+        self.rows = [Row(messages, length) for messages, length in zip(conversations, lengths)]
+        self.visible, self.showing_all = self.rows, True
         self.fetched = min(FETCH_BATCH, len(self.visible))
         self.notes = {}
         self._numbers = None
         self.endResetModel()
         self.undo_stack.clear()
+        # 50,000 conversations are a million small objects. Python's full garbage collection walks all of them
+        # (~0.2 s, holding the GIL) whenever enough new objects pile up, which an edit or a filter can trigger.
+        # Freezing moves what exists now out of the collector's sight; rows still free normally when dropped,
+        # since nothing in them refers back to itself.
+        gc.freeze()
 
     def show_only(self, rows: list[Row] | None) -> None:
-        """Show these rows (in table order), or all of them for None."""
+        """Show these rows (in dataset order), or all of them for None."""
         self.beginResetModel()
-        self.visible = list(self.rows) if rows is None else rows
+        self.showing_all = rows is None
+        self.visible = self.rows if rows is None else rows
         self.fetched = min(FETCH_BATCH, len(self.visible))
         self.endResetModel()
 
@@ -139,7 +178,9 @@ class ExamplesModel(QAbstractTableModel):
         row, column = self.visible[index.row()], index.column()
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole, Qt.ItemDataRole.ToolTipRole):
             if column == 0:
-                return str(self.number_of(row)) if role == Qt.ItemDataRole.DisplayRole else None
+                if role != Qt.ItemDataRole.DisplayRole:
+                    return None
+                return str(index.row() + 1 if self.showing_all else self.number_of(row))
             if column in (USER, ASSISTANT):
                 text = first_text(row.messages, "user" if column == USER else "assistant")[1]
                 return one_line(text) if role == Qt.ItemDataRole.DisplayRole else text
@@ -148,11 +189,11 @@ class ExamplesModel(QAbstractTableModel):
             if column == TOKENS:
                 return "…" if row.length is None else f"{row.length:,}"
             if column == CHECK:
-                return self.notes.get(row.uid, "")
+                return self.notes.get(id(row), "")
         if role == Qt.ItemDataRole.ForegroundRole:
             if column == TOKENS and row.length is not None and row.length > self.max_len:
                 return QColor(WARN)
-            if column == CHECK and row.uid in self.notes:
+            if column == CHECK and id(row) in self.notes:
                 return QColor(BAD)
         if role == Qt.ItemDataRole.TextAlignmentRole and column in (0, TURNS, TOKENS):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -185,7 +226,7 @@ class ExamplesModel(QAbstractTableModel):
     def _replace(self, row: Row, messages: Messages) -> None:
         row.messages = messages
         row.length = self.recount(messages) if self.recount else None
-        self.notes.pop(row.uid, None)
+        self.notes.pop(id(row), None)
         if row in self.visible[: self.fetched]:
             at = self.visible.index(row)
             self.dataChanged.emit(self.index(at, 0), self.index(at, len(COLUMNS) - 1))
@@ -193,57 +234,68 @@ class ExamplesModel(QAbstractTableModel):
 
     def insert(self, positions: list[tuple[int, Row]]) -> None:
         """Put rows back at their positions in `rows` (ascending), showing them whatever the filter."""
+        for _, row in positions:
+            row.removed = False
+            if row.length is None and self.recount:
+                row.length = self.recount(row.messages)
         if len(positions) == 1:
             (position, row), = positions
             self.rows.insert(position, row)
             self._numbers = None
-            self._count_if_needed(row)
-            at = self._visible_position(row)
+            at = position if self.showing_all else self._visible_position(row)
             if at <= self.fetched:
                 self.beginInsertRows(QModelIndex(), at, at)
-                self.visible.insert(at, row)
+                if not self.showing_all:
+                    self.visible.insert(at, row)
                 self.fetched += 1
                 self.endInsertRows()
-            else:
+            elif not self.showing_all:
                 self.visible.insert(at, row)
-        else:  # many rows at once (undoing a bulk delete): one reset is cheaper than a signal per row
+        else:  # many rows at once (undoing a bulk delete): one merge and one reset, not a shift and a signal per row
             self.beginResetModel()
-            for position, row in positions:
-                self.rows.insert(position, row)
-                self._count_if_needed(row)
+            merged, existing, coming = [], iter(self.rows), iter(positions)
+            upcoming = next(coming, None)
+            for final_position in range(len(self.rows) + len(positions)):
+                if upcoming is not None and upcoming[0] == final_position:
+                    merged.append(upcoming[1])
+                    upcoming = next(coming, None)
+                else:
+                    merged.append(next(existing))
+            back = {id(row) for _, row in positions}
+            if not self.showing_all:
+                shown = {id(row) for row in self.visible} | back
+                self.visible = [row for row in merged if id(row) in shown]
+            self.rows = merged
+            if self.showing_all:
+                self.visible = merged
             self._numbers = None
-            shown = {id(row) for row in self.visible} | {id(row) for _, row in positions}
-            self.visible = [row for row in self.rows if id(row) in shown]
             self.fetched = min(len(self.visible), self.fetched + len(positions))
             self.endResetModel()
         self.changed.emit()
 
     def remove(self, rows: list[Row]) -> list[tuple[int, Row]]:
         """Take rows out; returns their (position, row) pairs, ascending, for putting them back."""
-        order = self._order()
-        positions = sorted(((order[id(row)], row) for row in rows), key=lambda pair: pair[0])
-        gone = {id(row) for row in rows}
+        for row in rows:
+            row.removed = True
+        positions = [(i, row) for i, row in enumerate(self.rows) if row.removed]
         if len(rows) == 1 and rows[0] in self.visible[: self.fetched]:
             at = self.visible.index(rows[0])
             self.beginRemoveRows(QModelIndex(), at, at)
-            self.rows.remove(rows[0])
-            self.visible.pop(at)
+            del self.rows[positions[0][0]]
+            if not self.showing_all:
+                del self.visible[at]
             self.fetched -= 1
             self._numbers = None
             self.endRemoveRows()
         else:
             self.beginResetModel()
-            self.fetched -= sum(1 for row in self.visible[: self.fetched] if id(row) in gone)
-            self.rows = [row for row in self.rows if id(row) not in gone]
-            self.visible = [row for row in self.visible if id(row) not in gone]
+            self.fetched -= sum(1 for row in self.visible[: self.fetched] if row.removed)
+            self.rows = [row for row in self.rows if not row.removed]
+            self.visible = self.rows if self.showing_all else [row for row in self.visible if not row.removed]
             self._numbers = None
             self.endResetModel()
         self.changed.emit()
         return positions
-
-    def _count_if_needed(self, row: Row) -> None:
-        if row.length is None and self.recount:
-            row.length = self.recount(row.messages)
 
     def _order(self) -> dict[int, int]:
         """id(row) → its 0-based position in the dataset, rebuilt only after rows came or went."""
@@ -261,20 +313,10 @@ class ExamplesModel(QAbstractTableModel):
         mine = order[id(row)]
         return sum(1 for candidate in self.visible if order.get(id(candidate), -1) < mine)
 
-    def apply_report(self, snapshot: list[Row], report: EditorReport) -> None:
-        """Show what an analysis of `snapshot` found; rows edited since then lost their note when they changed."""
-        notes = {}
-        for index in report.no_reply:
-            notes[snapshot[index].uid] = "no assistant reply"
-        for index, original in enumerate(report.duplicate_of):
-            if original is not None:
-                notes[snapshot[index].uid] = f"duplicate of #{self._position_or_none(snapshot[original])}"
-        self.notes = {uid: note for uid, note in notes.items()}
+    def apply_notes(self, notes: dict[int, str]) -> None:
+        self.notes = notes
         if self.fetched:
             self.dataChanged.emit(self.index(0, CHECK), self.index(self.fetched - 1, CHECK))
-
-    def _position_or_none(self, row: Row) -> str:
-        return str(self._order()[id(row)] + 1) if id(row) in self._order() else "?"
 
 
 class EditTurn(QUndoCommand):
@@ -418,7 +460,7 @@ class DatasetEditor(QWidget):
         """Edited (or converted) since it was loaded or saved: training would not see these rows yet."""
         self._analysis: Job | None = None
         self._analyse_again = False
-        self._snapshot: list[Row] = []
+        self._filtered: dict[str, list[Row]] = {}
         self._save_job: Job | None = None
         self._tokenizer = None
         self._system_prompt: str | None = None
@@ -556,10 +598,8 @@ class DatasetEditor(QWidget):
         """Delete the rows the last check found repeating an earlier one (one undo step brings them all back)."""
         if self.report is None:
             return
-        present = {id(row) for row in self.model.rows}
         # A row edited since the check lost its note: it may not repeat anything any more, so it stays.
-        rows = [row for row in (self._snapshot[index] for index in self.report.duplicates)
-                if id(row) in present and row.uid in self.model.notes]
+        rows = [row for row in self._filtered.get("duplicates", []) if not row.removed and id(row) in self.model.notes]
         if rows:
             self.model.undo_stack.push(DeleteExamples(self.model, rows))
 
@@ -586,8 +626,7 @@ class DatasetEditor(QWidget):
         if key == "all" or self.report is None:
             self.model.show_only(None)
         else:
-            wanted = {id(self._snapshot[index]) for index in self.report.rows_for(key)}
-            self.model.show_only([row for row in self.model.rows if id(row) in wanted])
+            self.model.show_only([row for row in self._filtered.get(key, []) if not row.removed])
         self._update_buttons()
 
     def _selection_moved(self, *_) -> None:
@@ -615,34 +654,29 @@ class DatasetEditor(QWidget):
             self._analyse_again = True  # one scan at a time; the latest edits get the next one
             return
         snapshot = list(self.model.rows)
-        conversations = [row.messages for row in snapshot]
-        uncounted = [i for i, row in enumerate(snapshot) if row.length is None]
         tokenizer, system_prompt, max_len = self._tokenizer, self._system_prompt, self.model.max_len
 
-        def work(report):
-            lengths = [row.length for row in snapshot]
-            if uncounted and tokenizer is not None:
-                counted = token_lengths(tokenizer, [conversations[i] for i in uncounted], system_prompt)
-                for i, length in zip(uncounted, counted):
-                    lengths[i] = length
-            return analyse(conversations, [length or 0 for length in lengths], max_len), lengths
+        def work(report) -> Check:
+            check = check_rows(snapshot, tokenizer, system_prompt, max_len)
+            for row, length in zip(snapshot, check.lengths):
+                if row.length is None:  # counted here; a row edited meanwhile was recounted by the edit
+                    row.length = length
+            return check
 
         self._analysis = run_function(work)
-        self._analysis.succeeded.connect(lambda result: self._analysed(snapshot, *result))
+        self._analysis.succeeded.connect(self._checked)
         self._analysis.failed.connect(self.failed)
         self._analysis.finished.connect(self._analysis_ended)
 
-    def _analysed(self, snapshot: list[Row], report: EditorReport, lengths: list[int]) -> None:
-        for row, length in zip(snapshot, lengths):
-            if row.length is None:
-                row.length = length
-        self._snapshot = snapshot
-        self.report = report
-        self.model.apply_report(snapshot, report)
-        self._update_buttons()
+    def _checked(self, check: Check) -> None:
+        """Only assignments and a repaint of the visible cells: the GUI thread never walks all the rows."""
+        self.report = check.report
+        self._filtered = check.filtered
+        self.model.apply_notes(check.notes)
         if self.filter.currentData() != "all":
             self._apply_filter()
-        self.analysis_ready.emit(report)
+        self._update_buttons()
+        self.analysis_ready.emit(check.report)
 
     def _analysis_ended(self) -> None:
         self._analysis = None
@@ -650,8 +684,9 @@ class DatasetEditor(QWidget):
             self._analyse_again = False
             self._analyse()
 
-    def current_lengths(self) -> list[int]:
-        return [row.length for row in self.model.rows if row.length is not None]
+    def lengths(self) -> list[int]:
+        """Token counts as of the last check (the histogram's data); rows edited since are recounted with the next."""
+        return self.report.lengths if self.report is not None else []
 
     @property
     def is_busy(self) -> bool:

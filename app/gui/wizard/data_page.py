@@ -339,7 +339,7 @@ class DataPage(WizardPage):
             self.summary.clear()
             return
         if editing:  # the rows as edited, which may differ from the file
-            lengths = self.editor.current_lengths() or [0]
+            lengths = self.editor.lengths() or [0]
             rows = len(self.editor.model.rows)
             usable = self.editor.report.usable if self.editor.report else rows
         else:
@@ -372,7 +372,7 @@ class DataPage(WizardPage):
 
     def _analysed(self, report) -> None:
         """The editor re-checked every row: redraw the lengths, the summary and the validation report."""
-        self.histogram.show_lengths(self.editor.current_lengths(), self._max_len())
+        self.histogram.show_lengths(report.lengths, self._max_len())
         self.checks.setText("<br>".join(f"⚠ {warning}" for warning in report.warnings()))
         self.update_summary()
 
