@@ -526,7 +526,7 @@ class DatasetEditor(QWidget):
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.table)
         split.addWidget(turns_box)
-        split.setSizes([300, 160])
+        split.setSizes([190, 230])  # the turns of the selected example deserve room to read
         split.setChildrenCollapsible(False)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
