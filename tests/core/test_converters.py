@@ -280,3 +280,27 @@ def test_round_trip_export_to_check_to_training(tiny_base, tmp_path, capsys):
     assert result.steps == 2
     manifest = json.loads((result.adapter.path / "tailor.json").read_text())
     assert manifest["dataset"]["rows"] == 2
+
+
+@pytest.mark.parametrize("lines,expected_first", [
+    # Swedish Android: year first, 24-hour clock.
+    (["2023-12-31 21:41 - Anna: Gott nytt år!", "2023-12-31 21:43 - Erik: Detsamma!"], "2023-12-31T21:41:00"),
+    # Spanish Android: day first, "p. m." for the afternoon.
+    (["31/12/23, 9:41 p. m. - Ana: ¡Feliz año!", "31/12/23, 9:43 p. m. - Erik: ¡Igualmente!"], "2023-12-31T21:41:00"),
+    # Japanese iOS: year first with slashes, seconds, brackets.
+    (["[2023/12/31 21:41:05] Ana: あけましておめでとう", "[2023/12/31 21:43:00] Erik: おめでとう"], "2023-12-31T21:41:05"),
+])
+def test_other_locales_date_layouts(tmp_path, lines, expected_first):
+    export = tmp_path / "chat.txt"
+    export.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    messages = read_whatsapp(export, ConversionReport(str(export), "whatsapp", "Erik"))
+    assert messages[0].time.isoformat() == expected_first and messages[1].speaker == "Erik"
+    conversion = convert_export(export, "whatsapp", "Erik", anonymise=False)
+    assert [m["role"] for m in conversion.examples[0]["messages"]] == ["user", "assistant"]
+
+
+def test_a_date_that_fits_no_order_names_its_line(tmp_path):
+    export = tmp_path / "chat.txt"
+    export.write_text("13/12/23, 21:41 - Ana: hi\n12/31/23, 21:42 - Erik: hello\n", encoding="utf-8")
+    with pytest.raises(ExportError, match=r"chat.txt line 2: the date '12/31/23' does not read as d/m/y"):
+        convert_export(export, "whatsapp", "Erik")

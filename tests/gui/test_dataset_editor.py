@@ -238,3 +238,24 @@ def test_chat_pane_edit_reply_then_add_to_dataset_appends_the_corrected_conversa
     pane.add_to_dataset(str(not_chat))
     assert "has no 'messages'" in pane.banner.plain_text
     assert not_chat.read_text() == '{"prompt": "a", "response": "b"}\n'
+
+
+def test_convert_dialog_guesses_the_kind_and_offers_who_speaks(qtbot):
+    from app.gui.dataset_editor import ConvertDialog
+
+    dialog = ConvertDialog()
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.choose(str(EXPORTS / "telegram_result.json"))
+    assert dialog.source.currentData() == "telegram"
+    qtbot.waitUntil(lambda: dialog.persona.count() == 2, timeout=LOAD_TIMEOUT_MS)
+    assert [dialog.persona.itemText(i) for i in range(2)] == ["Ivan", "Nadia Petrova"], "most active first"
+    assert "2 people speak" in dialog.status.text()
+    dialog.buttons.accepted.emit()
+    assert dialog.isVisible() and "Choose the export file and the persona" in dialog.status.text()
+    dialog.persona.setCurrentText("Nadia Petrova")
+    assert dialog.request() == {"path": str(EXPORTS / "telegram_result.json"), "source": "telegram",
+                                "persona": "Nadia Petrova", "gap_hours": 6.0, "anonymise": True}
+    dialog.choose(str(EXPORTS / "telegram_truncated.json"))
+    qtbot.waitUntil(lambda: "cut off" in dialog.status.text(), timeout=LOAD_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: dialog._job is None, timeout=LOAD_TIMEOUT_MS)
