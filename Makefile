@@ -47,6 +47,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/adapter_switch.py
 	QT_QPA_PLATFORM=offscreen $(PY) bench/gui_responsiveness.py
+	QT_QPA_PLATFORM=offscreen $(PY) bench/dataset_editor_stall.py
 
 # Builds the desktop app with PyInstaller and runs its --self-test: several minutes, so not part of `make test`.
 test-packaging: install
