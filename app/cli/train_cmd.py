@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from app.core.config import (
-    ALL_LINEAR, DATA_FORMATS, KEEP_CHOICES, METHODS, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings,
+    ALL_LINEAR, DATA_FORMATS, KEEP_CHOICES, METHODS, SCHEDULES, TRAINING_QUANTS, DataSettings, LoraSettings,
     ModelSource, RunConfig, TrainingSettings,
 )
 
@@ -53,7 +53,8 @@ def register(subparsers, common) -> None:
     parser.add_argument("--packing", action="store_true", help="pack each batch into one row (no padding)")
     parser.add_argument("--seed", type=int, default=TRAINING.seed)
     parser.add_argument("--checkpoint-every", type=int, default=TRAINING.checkpoint_every, metavar="STEPS")
-    parser.add_argument("--quant", choices=QUANT_CHOICES, default=MODEL.quant)
+    parser.add_argument("--quant", choices=TRAINING_QUANTS, default=MODEL.quant,
+                        help="how the base is held: auto (16-bit when it fits comfortably, else 4-bit), 4bit, 8bit, none")
     parser.add_argument("--format", choices=DATA_FORMATS, default="auto", help="dataset layout (default: detect)")
     parser.add_argument("--prompt-column", help="for CSV/Parquet: the prompt column")
     parser.add_argument("--response-column", help="for CSV/Parquet: the response column")

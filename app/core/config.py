@@ -16,6 +16,7 @@ from typing import Any
 from app.core.errors import TailorError
 
 QUANT_CHOICES = ("4bit", "8bit", "none")
+TRAINING_QUANTS = ("auto", *QUANT_CHOICES)
 SCHEDULES = ("cosine", "linear", "constant")
 KEEP_CHOICES = ("best", "last")
 METHODS = ("lora", "adalora")
@@ -45,14 +46,15 @@ def _require(condition: bool, message: str) -> None:
 class ModelSource:
     base: str = "default"
     """'default' (bundled SmolLM2-135M-Instruct), a catalogue name, a local HF folder, a .gguf file, or a hub id."""
-    quant: str = "4bit"
-    """How the frozen base weights are held: '4bit' NF4 with double quantisation (QLoRA), '8bit', or 'none'."""
+    quant: str = "auto"
+    """How the frozen base weights are held: '4bit' NF4 with double quantisation (QLoRA), '8bit', 'none' (16-bit
+    LoRA), or 'auto': 16-bit when the run fits comfortably in free memory, 4-bit when memory is tight."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless the user asks: such code can do anything."""
 
     def __post_init__(self) -> None:
         _require(bool(self.base.strip()), "The base model is empty; use 'default', a folder, a .gguf file or a hub id.")
-        _require(self.quant in QUANT_CHOICES, f"Quantisation must be one of {', '.join(QUANT_CHOICES)}, not '{self.quant}'.")
+        _require(self.quant in TRAINING_QUANTS, f"Quantisation must be one of {', '.join(TRAINING_QUANTS)}, not '{self.quant}'.")
 
 
 @dataclass(frozen=True)

@@ -395,9 +395,6 @@ def auto_fit(
     )
 
 
-AUTO_QUANT_SHARE = 0.5
-"""Training with quant 'auto' holds the base in 16 bits only if the whole run's estimate takes at most this share of
-the free memory; the rest is headroom for the estimate's error and for everything else the computer runs."""
 
 
 @dataclass(frozen=True)
@@ -420,7 +417,8 @@ def choose_training_quant(requested: str, shape: ModelShape, available_bytes: in
                                            gradient_checkpointing=gradient_checkpointing, device=device)
     where = "GPU memory" if device == "cuda" else "RAM"
     amounts = f"about {sixteen_bit.total_gb:.1f} GB needed, {available_bytes / 1e9:.1f} GB of {where} free"
-    if sixteen_bit.total <= AUTO_QUANT_SHARE * available_bytes:
+    # "Comfortably" is the review page's own "fits" verdict: clear of the last 15% of what is free.
+    if verdict(sixteen_bit.total, available_bytes) == FITS:
         return QuantChoice("none", f"16-bit LoRA, chosen automatically: it fits comfortably ({amounts}), and is "
                                    "faster and more exact than 4-bit")
     return QuantChoice("4bit", f"4-bit QLoRA, chosen automatically: 16-bit would not fit comfortably ({amounts})")

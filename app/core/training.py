@@ -27,6 +27,8 @@ from typing import Callable
 from app import __version__
 from app.core.adalora import budget_state, orthogonal_penalty, restore_budget_state, save_as_lora
 from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
+from app.core.catalogue import ModelShape
+from app.core.estimate import quant_for_run
 from app.core.config import RunConfig
 from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
 from app.core.errors import TailorError
@@ -254,6 +256,12 @@ def prepare_data(config: RunConfig, resolved: ResolvedBase, sink: Sink) -> RunDa
     return RunData(tokenizer, examples, heldout, heldout_rows if heldout else None, report)
 
 
+def _model_shape(resolved: ResolvedBase, trust_remote_code: bool) -> ModelShape:
+    from transformers import AutoConfig
+
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(resolved.folder, trust_remote_code=trust_remote_code))
+
+
 def _memory_bytes(device: str) -> int:
     if device == "cuda":
         import torch
@@ -319,8 +327,9 @@ class TrainingRun:
         self.device = pick_device()
         self.precision = compute_dtype(self.device)
         torch.manual_seed(training.seed)
-        sink(StatusEvent(f"Loading the base model ({config.model.quant}) on {self.device.upper()}…"))
-        base = load_model(resolved.folder, config.model.quant, self.device, config.model.trust_remote_code,
+        self.quant = quant_for_run(config, _model_shape(resolved, config.model.trust_remote_code), self.device)
+        sink(StatusEvent(f"Loading the base model ({self.quant.reason}) on {self.device.upper()}…"))
+        base = load_model(resolved.folder, self.quant.quant, self.device, config.model.trust_remote_code,
                           dtype=self.precision.dtype)
         if training.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -530,6 +539,8 @@ class TrainingRun:
                 "steps": progress.step,
                 "planned_steps": self.total_steps,
                 "precision": self.precision.reason,
+                "quant": self.quant.quant,
+                "quant_reason": self.quant.reason,
                 "oom_recoveries": progress.recoveries,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }

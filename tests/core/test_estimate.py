@@ -414,14 +414,14 @@ def test_estimate_is_above_real_peak_on_cuda(tmp_path):
 
 def test_auto_quant_trains_16_bit_when_it_fits_comfortably_and_4_bit_when_memory_is_tight():
     from app.core.catalogue import find_entry
-    from app.core.estimate import AUTO_QUANT_SHARE, choose_training_quant
+    from app.core.estimate import TIGHT_FRACTION, choose_training_quant
 
     shape = find_entry("smollm2-135m").shape
     settings = dict(rank=16, target_modules=("all-linear",), max_len=512, batch_size=8, gradient_checkpointing=True,
                     device="cpu")
     sixteen_bit = estimate_training_memory(shape, quant="none", **settings).total
-    roomy = choose_training_quant("auto", shape, int(sixteen_bit / AUTO_QUANT_SHARE) + 1, **settings)
-    tight = choose_training_quant("auto", shape, int(sixteen_bit / AUTO_QUANT_SHARE) - 1, **settings)
+    roomy = choose_training_quant("auto", shape, int(sixteen_bit / TIGHT_FRACTION) + 1, **settings)
+    tight = choose_training_quant("auto", shape, int(sixteen_bit / TIGHT_FRACTION) - 1, **settings)
     assert roomy.quant == "none" and "16-bit LoRA, chosen automatically" in roomy.reason
     assert tight.quant == "4bit" and "would not fit comfortably" in tight.reason
     assert choose_training_quant("8bit", shape, 10**12, **settings).quant == "8bit"

@@ -58,13 +58,14 @@ def test_wizard_trains_a_persona_from_start_to_finish(qtbot, open_window, librar
     choose_folder_model(qtbot, wizard, tiny_base)
     assert wizard.model_page.info_architecture.text() == "llama"
     choose_dataset(qtbot, wizard, chat_jsonl)
-    assert wizard.data_page.table.rowCount() == 16
+    assert len(wizard.data_page.editor.model.rows) == 16
     click(qtbot, wizard.next_button)
     qtbot.waitUntil(lambda: wizard.current_index == 2)
 
     adapter = wizard.adapter_page
     assert adapter.name.text() == "persona", "the name is proposed from the dataset's file name"
-    assert adapter.quant.currentData() == "4bit"
+    assert adapter.quant.currentData() == "auto", "16-bit when it fits comfortably, else 4-bit"
+    adapter.quant.setCurrentIndex(adapter.quant.findData("4bit"))  # real NF4 training through the whole app
     light = next(button for button in adapter.rank_presets.buttons() if button.text() == "Light 8")
     click(qtbot, light)
     adapter.batch_size.setValue(4)
@@ -111,10 +112,15 @@ def test_a_newcomer_can_press_next_through_every_page(qtbot, open_window):
             assert wizard.context.dataset.report.rows > 0
 
     config = wizard.build_config()
-    assert config.model.base == "default" and config.model.quant == "4bit"
+    assert config.model.base == "default" and config.model.quant == "auto"
     assert Path(config.data.path).name == FIRST_SAMPLE
     assert config.name == "pirate"
     assert wizard.review_page.verdict
+    # The bundled 135M model fits comfortably in 16 bits on any PC Tailor runs on; the review says so and why.
+    summary = wizard.review_page.summary
+    base_row = next(summary.itemAt(row, summary.ItemRole.FieldRole).widget().text() for row in range(summary.rowCount())
+                    if summary.itemAt(row, summary.ItemRole.LabelRole).widget().text() == "Base model:")
+    assert "16-bit LoRA, chosen automatically" in base_row and "GB of RAM free" in base_row
 
 
 def test_catalogue_models_show_their_size_before_any_download(qtbot, open_window):
@@ -179,7 +185,7 @@ def test_broken_dataset_lines_are_listed_by_number(qtbot, open_window, tiny_base
     qtbot.waitUntil(lambda: page.banner.isVisible() and not page.is_busy, timeout=LOAD_TIMEOUT_MS)
     assert "broken.jsonl line 3: not valid JSON" in page.banner.plain_text
     assert wizard.context.dataset is None
-    assert page.table.rowCount() == 0
+    assert page.table.rowCount() == 0 and page.editor.model.rowCount() == 0
 
     fixed = tmp_path / "fixed.jsonl"
     fixed.write_text("\n".join(json.dumps(row) for row in (

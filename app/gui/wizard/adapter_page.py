@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.config import (
-    ALL_LINEAR, METHODS, QUANT_CHOICES, SCHEDULES, DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings,
+    ALL_LINEAR, METHODS, SCHEDULES, TRAINING_QUANTS, DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings,
     validate_adapter_name,
 )
 from app.core.errors import TailorError
@@ -22,7 +22,8 @@ from app.gui.wizard.field_docs import tooltip
 
 RANK_PRESETS = (("Light", 8), ("Balanced", 16), ("Strong", 64))
 METHOD_NAMES = {"lora": "LoRA (same rank in every layer)", "adalora": "AdaLoRA (rank goes where it helps)"}
-QUANT_NAMES = {"4bit": "4-bit (QLoRA, least memory)", "8bit": "8-bit", "none": "None (full precision, most memory)"}
+QUANT_NAMES = {"auto": "Automatic (16-bit when it fits comfortably, else 4-bit)", "4bit": "4-bit (QLoRA, least memory)",
+               "8bit": "8-bit", "none": "None (16-bit LoRA: fastest and most exact, most memory)"}
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 """Attention projections by their peft names; Phi-3 fuses q, k and v into qkv_proj."""
 
@@ -96,7 +97,7 @@ class AdapterPage(WizardPage):
         self.targets.setEditable(True)
         self.targets.addItems([ALL_LINEAR, "q_proj, k_proj, v_proj, o_proj"])
         self.quant = QComboBox()
-        for key in QUANT_CHOICES:
+        for key in TRAINING_QUANTS:
             self.quant.addItem(QUANT_NAMES[key], key)
 
         self.epochs = _double_spin(0.1, 100, training.epochs, 0.5, 1)

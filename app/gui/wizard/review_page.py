@@ -14,7 +14,9 @@ from PySide6.QtWidgets import (
 
 from app.core.config import RunConfig
 from app.core.errors import TailorError
-from app.core.estimate import FITS, TIGHT, MemoryEstimate, auto_fit, estimate_training_memory, verdict
+from app.core.estimate import (
+    FITS, TIGHT, MemoryEstimate, QuantChoice, auto_fit, estimate_training_memory, quant_for_run, verdict,
+)
 from app.core.footprint import Footprint, describe_adapter, footprint
 from app.gui.style import BAD, GOOD, MUTED, WARN, gigabytes
 from app.gui.wizard.adapter_page import AdapterPage
@@ -251,9 +253,13 @@ class ReviewPage(WizardPage):
         self._show_breakdown(available)
         self.bar.show_estimate(self.estimate, available)
 
+    def _quant(self, config: RunConfig) -> QuantChoice:
+        """What the base will be held in: 'auto' decides from the 16-bit estimate and the memory free now."""
+        return quant_for_run(config, self.context.model.shape, self.device(), self.available_memory())
+
     def _estimate(self, config: RunConfig) -> MemoryEstimate:
         return estimate_training_memory(
-            self.context.model.shape, quant=config.model.quant, rank=config.lora.largest_rank,
+            self.context.model.shape, quant=self._quant(config).quant, rank=config.lora.largest_rank,
             target_modules=config.lora.target_modules, max_len=config.data.max_len,
             batch_size=config.training.batch_size, gradient_checkpointing=config.training.gradient_checkpointing,
             device=self.device(),
@@ -266,7 +272,7 @@ class ReviewPage(WizardPage):
         training = config.training
         rows = [
             ("Persona", config.name),
-            ("Base model", f"{model.display_name} ({config.model.quant})"),
+            ("Base model", f"{model.display_name}: {self._quant(config).reason}"),
             ("Dataset", f"{dataset.report.usable_rows:,} examples from {dataset.loaded.path.name}"),
             ("Adapter", describe_adapter(config)),
             ("Length", f"{total_steps(config, dataset.report.usable_rows):,} optimizer steps "
@@ -323,7 +329,8 @@ class ReviewPage(WizardPage):
             config = self._build_config()
             training = config.training
             fit = auto_fit(
-                self.context.model.shape, self.available_memory(), quant=config.model.quant, rank=config.lora.largest_rank,
+                self.context.model.shape, self.available_memory(), quant=self._quant(config).quant,
+                rank=config.lora.largest_rank,
                 target_modules=config.lora.target_modules, max_len=config.data.max_len,
                 batch_size=training.batch_size, grad_accum=training.grad_accum,
                 gradient_checkpointing=training.gradient_checkpointing, device=self.device(),
