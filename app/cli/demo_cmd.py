@@ -22,7 +22,7 @@ def run(args) -> int:
 
     from app.cli.common import console, open_library, train_with_progress
     from app.core.chat import BASE, ChatSession, GenerationSettings
-    from app.core.evaluation import evaluate_adapter, save_report_card
+    from app.core.evaluation import evaluate_adapter, plan_card, save_report_card
 
     library = open_library(args)
     config = RunConfig(
@@ -51,7 +51,8 @@ def run(args) -> int:
     console.print(table)
 
     # The report card: the same measure `tailor eval` and the app's Report card use, kept in the manifest.
-    card = evaluate_adapter(session, library, result.adapter, progress=lambda message: console.print(f"[dim]{message}[/]"))
+    card = evaluate_adapter(session, result.adapter, plan_card(library, result.adapter),
+                            progress=lambda message: console.print(f"[dim]{message}[/]"))
     save_report_card(library, persona, card)
     console.rule("[bold]Report card[/]", align="left")
     print(card.to_text(), flush=True)  # plain print: rich would re-wrap the replies

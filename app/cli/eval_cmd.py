@@ -19,12 +19,13 @@ def register(subparsers, common) -> None:
 def run(args) -> int:
     from app.cli.chat_cmd import open_session
     from app.cli.common import errors, open_library
-    from app.core.evaluation import evaluate_adapter, save_report_card
+    from app.core.evaluation import evaluate_adapter, plan_card, save_report_card
 
     library = open_library(args)
     entry = library.get_usable(args.name)
+    plan = plan_card(library, entry, args.prompts)  # a bad prompts file fails here, before the model loads
     session, _ = open_session(library, [entry.name], None, None)
-    card = evaluate_adapter(session, library, entry, args.prompts, progress=lambda message: errors.print(f"[dim]{message}[/]"))
+    card = evaluate_adapter(session, entry, plan, progress=lambda message: errors.print(f"[dim]{message}[/]"))
     save_report_card(library, entry.name, card)
     # Plain print: stdout carries only the card, unwrapped, for scripts and pipes.
     print(json.dumps(card.to_dict(), indent=2, ensure_ascii=False) if args.json else card.to_text())

@@ -103,14 +103,12 @@ def training_entry(library: Library, entry: AdapterEntry) -> AdapterEntry:
 
 
 def training_conversations(entry: AdapterEntry) -> list[Messages]:
-    """The conversations the adapter was trained on, as its manifest records them; [] when not known or gone."""
+    """The conversations the adapter was trained on, as its manifest records them; [] when not known or gone (a
+    file that is there but no longer reads raises, saying why)."""
     recorded = ((entry.manifest or {}).get("dataset") or {}).get("path")
     if not recorded or not Path(recorded).exists():
         return []
-    try:
-        return load_dataset_file(recorded).conversations
-    except TailorError:
-        return []
+    return load_dataset_file(recorded).conversations
 
 
 def held_out_prompts(entry: AdapterEntry, conversations: list[Messages]) -> tuple[list[EvalPrompt], str]:
@@ -498,13 +496,21 @@ def build_report_card(session: ChatSession, persona: str, prompts: Sequence[Eval
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def evaluate_adapter(session: ChatSession, library: Library, entry: AdapterEntry, prompts_file: str | Path | None = None,
-                     progress: Progress | None = None, knowledge: Sequence[KnowledgeQuestion] | None = None,
-                     stop: StopFlag | None = None) -> ReportCard:
-    """The card for a library adapter (opened in `session` here if it is not yet): its held-out prompts, or those
-    in `prompts_file`; its training replies as the style to recognise; the shipped knowledge questions unless
-    `knowledge` says otherwise."""
-    persona = session.load_adapter(entry)
+@dataclass(frozen=True)
+class CardPlan:
+    """What a card will ask and compare with, worked out from files alone, so a bad prompts file or missing data
+    is reported before a model is loaded."""
+
+    prompts: list[EvalPrompt]
+    source: str
+    """Where the prompts come from, in words."""
+    style_references: list[str]
+    """The persona's training replies (without the prompts' own references): the style to recognise."""
+
+
+def plan_card(library: Library, entry: AdapterEntry, prompts_file: str | Path | None = None) -> CardPlan:
+    """The adapter's held-out prompts (or those in `prompts_file`) and its training replies; for a mix, those of
+    its most heavily weighted parent."""
     trained_on = training_entry(library, entry)
     conversations = training_conversations(trained_on)
     if prompts_file:
@@ -515,10 +521,18 @@ def evaluate_adapter(session: ChatSession, library: Library, entry: AdapterEntry
     # The held-out replies themselves stay out of the style profile, or the persona would be judged against them.
     references = [message["content"] for conversation in conversations for message in conversation
                   if message["role"] == "assistant" and message["content"] not in asked]
+    return CardPlan(prompts, source, references)
+
+
+def evaluate_adapter(session: ChatSession, entry: AdapterEntry, plan: CardPlan, progress: Progress | None = None,
+                     knowledge: Sequence[KnowledgeQuestion] | None = None, stop: StopFlag | None = None) -> ReportCard:
+    """The card for a library adapter (opened in `session` here if it is not yet), as planned, with the shipped
+    knowledge questions unless `knowledge` says otherwise."""
+    persona = session.load_adapter(entry)
     # Measured as chat will talk: the persona's own recommended decoding where its manifest has one.
     settings = GenerationSettings().with_sampling(entry.sampling)
-    return build_report_card(session, persona, prompts, references,
-                             knowledge_questions() if knowledge is None else knowledge, source, settings, progress, stop)
+    return build_report_card(session, persona, plan.prompts, plan.style_references,
+                             knowledge_questions() if knowledge is None else knowledge, plan.source, settings, progress, stop)
 
 
 def save_report_card(library: Library, name: str, card: ReportCard) -> AdapterEntry:

@@ -17,7 +17,9 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.chat import ChatSession, base_for
-from app.core.evaluation import ReportCard, Tally, evaluate_adapter, reply_marks, save_report_card, saved_report_card
+from app.core.evaluation import (
+    ReportCard, Tally, evaluate_adapter, plan_card, reply_marks, save_report_card, saved_report_card,
+)
 from app.core.library import Library
 from app.gui.style import WARN
 from app.gui.training_panel import StatTile
@@ -41,9 +43,10 @@ def evaluate_in_worker(library: Library, name: str, prompts_file: str | None = N
 
     def work(report):
         entry = library.get_usable(name)
+        plan = plan_card(library, entry, prompts_file)
         base, quant = base_for([entry], None, None)
         session = ChatSession(base, quant, progress=report)
-        card = evaluate_adapter(session, library, entry, prompts_file, progress=report, stop=stop)
+        card = evaluate_adapter(session, entry, plan, progress=report, stop=stop)
         save_report_card(library, name, card)
         return card
 

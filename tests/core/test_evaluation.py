@@ -13,7 +13,7 @@ from app.core.chat import ChatSession, base_for
 from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
 from app.core.errors import TailorError
 from app.core.evaluation import (
-    CARD_KEY, KnowledgeQuestion, ReportCard, StyleJudge, evaluate_adapter, held_out_prompts,
+    CARD_KEY, KnowledgeQuestion, ReportCard, StyleJudge, evaluate_adapter, held_out_prompts, plan_card,
     knowledge_questions, loops, on_topic, words, prompts_from_file, repeated_phrase, save_report_card, saved_report_card,
 )
 from app.core.library import Library
@@ -165,7 +165,7 @@ def test_card_on_a_tiny_model_is_saved_in_the_manifest_and_reproducible(tiny_bas
     tiny_persona(tiny_base, chat_jsonl, library)
     session = ChatSession(str(tiny_base), "4bit")
     messages: list[str] = []
-    card = evaluate_adapter(session, library, library.get("tiny"), progress=messages.append)
+    card = evaluate_adapter(session, library.get("tiny"), plan_card(library, library.get("tiny")), progress=messages.append)
 
     assert card.adapter == "tiny" and card.system_prompt == "You are a pirate."
     assert len(card.replies) == 2 and card.prompt_source.startswith("last 2 of 16 training examples")
@@ -180,7 +180,7 @@ def test_card_on_a_tiny_model_is_saved_in_the_manifest_and_reproducible(tiny_bas
     assert saved_report_card(library.get("tiny")) == card
     assert card.summary().startswith("style ") and "· loops " in card.summary() and "(base " in card.summary()
 
-    again = evaluate_adapter(session, library, library.get("tiny"))
+    again = evaluate_adapter(session, library.get("tiny"), plan_card(library, library.get("tiny")))
     assert [pair.persona for pair in again.replies] == [pair.persona for pair in card.replies]
 
 
@@ -203,6 +203,9 @@ def test_eval_command_prints_the_card_and_json(tiny_base, chat_jsonl, tmp_path):
 
     missing = subprocess.run([sys.executable, "-m", "app.cli", "eval", "nobody"], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "No adapter named 'nobody'" in missing.stderr
+    bad = subprocess.run([sys.executable, "-m", "app.cli", "eval", "tiny", "--prompts", str(tmp_path / "gone.txt")],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "gone.txt does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_the_card_travels_in_a_bundle(tiny_base, chat_jsonl, tmp_path):
@@ -212,7 +215,7 @@ def test_the_card_travels_in_a_bundle(tiny_base, chat_jsonl, tmp_path):
     library = Library(tmp_path / "lib")
     tiny_persona(tiny_base, chat_jsonl, library)
     session = ChatSession(str(tiny_base), "4bit")
-    card = evaluate_adapter(session, library, library.get("tiny"), prompts_file=_one_question(tmp_path),
+    card = evaluate_adapter(session, library.get("tiny"), plan_card(library, library.get("tiny"), _one_question(tmp_path)),
                             knowledge=knowledge_questions()[:1])
     save_report_card(library, "tiny", card)
     bundle = export_adapter(library, "tiny", "bundle", tmp_path / "tiny.tailor")
@@ -245,7 +248,7 @@ def test_real_pirate_persona_beats_the_base_on_style(smollm2_folder, tmp_path):
                            training=TrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3)), library)
     entry = library.get("pirate")
     session = ChatSession(*base_for([entry], None, None))
-    card = evaluate_adapter(session, library, entry, prompts_file=held_out)
+    card = evaluate_adapter(session, entry, plan_card(library, entry, held_out))
     print(card.to_text())
     # Kept for the docs (and the report card screenshot): what a real pirate persona's card looks like.
     RECORDED_PIRATE_CARD.write_text(json.dumps(card.to_dict(), indent=2, ensure_ascii=False) + "\n")
