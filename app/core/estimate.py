@@ -210,8 +210,8 @@ def _block_activation_bytes_per_token(shape: ModelShape, targets: tuple[LinearLa
 
 
 def default_compute_bytes(device: str) -> int:
-    """Bytes per value in the dtype Tailor computes in on `device` (app.core.precision decides; no torch needed):
-    2 on CUDA (bf16, or fp16 on older GPUs), 2 on a CPU with AMX (bf16), 4 on other CPUs (fp32)."""
+    """Bytes per value in the dtype Tailor trains in on `device` (app.core.precision decides; no torch needed):
+    2 on CUDA (bf16, or fp16 on older GPUs), on the CPU 2 where bf16 measured faster, else 4 (fp32)."""
     from app.core.precision import cpu_prefers_bf16
 
     return 2 if device == "cuda" or cpu_prefers_bf16() else FP32_BYTES

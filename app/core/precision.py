@@ -6,9 +6,9 @@ Three things every training and chat path needs to agree on:
   On CUDA bf16 only where the GPU multiplies it natively (compute capability 8.0, Ampere, and newer). On Turing and
   Pascal `torch.cuda.is_bf16_supported()` still answers yes, because bf16 can be *emulated* there, many times slower,
   so it is not asked; those GPUs get fp16, whose narrow range needs autocast and a GradScaler (the returned
-  `needs_grad_scaler`). On the CPU bf16 for training where the CPU has native bf16 matrix units (AMX), where it
-  measured faster (bench/cpu_compute_dtype.py), else fp32; chat generation stays fp32 on every CPU, where it
-  measured faster even with AMX.
+  `needs_grad_scaler`). On the CPU bf16 only where the CPU has native bf16 matrix units (AMX) and bf16 measured
+  clearly faster for the workload (training or generation; bench/cpu_compute_dtype.py); on this project's AMX test
+  machine neither did, so every CPU computes in fp32 until a measurement says otherwise (BF16_TIME_ON_AMX).
 - `is_out_of_memory(exc)`: an allocation failure, whatever shape it arrives in. torch raises `torch.OutOfMemoryError`
   for its caching allocator, but cuBLAS, bitsandbytes' CUDA kernels and the CPU allocator report the same event as a
   plain RuntimeError with a message, and Python's own allocator as MemoryError. All of them mean "the settings need
@@ -43,10 +43,17 @@ dtypes on a CPU."""
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """/proc/cpuinfo flags of native bf16 arithmetic: AMX tiles (Sapphire Rapids and newer) and AVX512-BF16 dot products
 (Cooper Lake, Zen 4)."""
-CPU_BF16_FASTER_WITH = "amx_bf16"
-"""bf16 training measured faster than fp32 on an AMX CPU (bench/cpu_compute_dtype.py; numbers in MEASURED_ON_AMX).
-A CPU with AVX512-BF16 but no AMX was not measured; its bf16 matmuls are dot-product instructions with no tile unit
-behind them, so it keeps fp32, the choice that is never slow."""
+CPU_BF16_UNIT = "amx_bf16"
+"""Only a CPU with AMX tiles could make bf16 pay: AVX512-BF16 alone has dot-product instructions but no tile unit
+behind them, and without either PyTorch emulates bf16. CPUs without AMX therefore compute in fp32 unmeasured."""
+BF16_TIME_ON_AMX = {TRAINING: 1.26, GENERATION: 2.09}
+"""bf16 time / fp32 time for Tailor's work on an AMX CPU (Xeon with AMX + AVX512-BF16, 2 cores, shared): a 4-bit
+SmolLM2-135M training step (decoder + trained-token loss + backward + AdamW, LoRA r16, gradient checkpointing)
+and a 4-bit generation step (bench/cpu_compute_dtype.py). A lone 4-bit linear's forward + backward was 0.75x in
+bf16, but the whole step is slower: bitsandbytes dequantises every weight on every call, RMSNorm and softmax upcast
+to fp32, and peft casts each LoRA input to fp32, so the AMX matmuls are a small share of the time."""
+BF16_WIN_RATIO = 0.9
+"""bf16 is chosen for a workload only where it took at most this share of fp32's time: a clear win, not noise."""
 
 
 class ComputePrecision(NamedTuple):
@@ -88,25 +95,26 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> frozenset[str]:
 
 
 def cpu_prefers_bf16(flags: frozenset[str] | None = None, workload: str = TRAINING) -> bool:
-    """Whether bf16 is the faster compute dtype for `workload` on this CPU (or one with these flags); no torch."""
+    """Whether bf16 measured clearly faster than fp32 for `workload` on a CPU with these flags (default: this one);
+    needs no torch."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, not {workload!r}")
-    return workload == TRAINING and CPU_BF16_FASTER_WITH in (cpu_bf16_flags() if flags is None else flags)
+    flags = cpu_bf16_flags() if flags is None else flags
+    return CPU_BF16_UNIT in flags and BF16_TIME_ON_AMX[workload] <= BF16_WIN_RATIO
 
 
 def cpu_precision(flags: frozenset[str], workload: str = TRAINING) -> ComputePrecision:
-    """bf16 where it measured faster than fp32 (training, on AMX), fp32 everywhere else."""
+    """bf16 where it measured clearly faster than fp32 (BF16_TIME_ON_AMX), fp32 everywhere else."""
     import torch
 
     if cpu_prefers_bf16(flags, workload):
-        return ComputePrecision(torch.bfloat16, False, "bf16: this CPU has AMX bf16 units, faster than fp32")
-    if workload == GENERATION and CPU_BF16_FASTER_WITH in flags:
-        return ComputePrecision(torch.float32, False,
-                                "fp32: generating one token at a time is faster in fp32 even with AMX")
+        return ComputePrecision(torch.bfloat16, False, f"bf16: {workload} measured faster in bf16 on AMX")
+    if CPU_BF16_UNIT in flags:
+        return ComputePrecision(torch.float32, False, f"fp32: {workload} measured {BF16_TIME_ON_AMX[workload]:.2f}x "
+                                                      "slower in bf16, even with AMX")
     if flags:
-        return ComputePrecision(torch.float32, False,
-                                "fp32: this CPU has AVX512-BF16 but no AMX; bf16 is not faster without AMX")
-    return ComputePrecision(torch.float32, False, "fp32: this CPU has no native bf16, where bf16 is slower")
+        return ComputePrecision(torch.float32, False, "fp32: this CPU has AVX512-BF16 but no AMX tiles")
+    return ComputePrecision(torch.float32, False, "fp32: this CPU has no native bf16, where bf16 is emulated")
 
 
 def compute_dtype(device: str, workload: str = TRAINING) -> ComputePrecision:

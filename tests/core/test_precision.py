@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.core import precision
 from app.core.errors import TailorError
 from app.core.precision import (
     GENERATION, SIMULATE_OOM_ENV, TRAINING, ComputePrecision, OomSimulator, compute_dtype, cpu_bf16_flags, cpu_precision, cuda_precision,
@@ -76,31 +77,29 @@ flags\t\t: fpu vme sse2 avx2 avx512f {extra}
 """
 
 
-@pytest.mark.parametrize("extra, flags, dtype", [
-    ("avx512_bf16 amx_bf16 amx_tile amx_int8", {"avx512_bf16", "amx_bf16"}, torch.bfloat16),  # Sapphire Rapids
-    ("avx512_bf16", {"avx512_bf16"}, torch.float32),  # Zen 4 / Cooper Lake: no AMX
-    ("avx512_vnni", set(), torch.float32),  # Ice Lake
-    ("", set(), torch.float32),
+@pytest.mark.parametrize("extra, flags", [
+    ("avx512_bf16 amx_bf16 amx_tile amx_int8", {"avx512_bf16", "amx_bf16"}),  # Sapphire Rapids
+    ("avx512_bf16", {"avx512_bf16"}),  # Zen 4 / Cooper Lake: no AMX
+    ("avx512_vnni", set()),  # Ice Lake
+    ("", set()),
 ])
-def test_cpu_choice_follows_the_cpus_bf16_units(extra, flags, dtype):
-    found = cpu_bf16_flags(CPUINFO.format(extra=extra))
-    assert found == flags
-    precision = cpu_precision(found)
-    assert (precision.dtype, precision.needs_grad_scaler) == (dtype, False)
+def test_cpu_bf16_units_are_read_from_the_flags(extra, flags):
+    assert cpu_bf16_flags(CPUINFO.format(extra=extra)) == flags
 
 
-@pytest.mark.parametrize("extra", ["avx512_bf16 amx_bf16 amx_tile", "avx512_bf16", ""])
-def test_chat_generation_stays_fp32_on_every_cpu(extra):
-    flags = cpu_bf16_flags(CPUINFO.format(extra=extra))
-    assert cpu_precision(flags, GENERATION).dtype == torch.float32
-    assert compute_dtype("cpu", GENERATION).dtype == torch.float32
-
-
-def test_workload_makes_no_difference_on_cuda_and_unknown_ones_are_refused(monkeypatch):
-    monkeypatch.setattr(torch, "cuda", FakeCuda((8, 9)))
-    assert compute_dtype("cuda", GENERATION) == compute_dtype("cuda", TRAINING) == cuda_precision((8, 9))
-    with pytest.raises(ValueError, match="workload"):
-        cpu_precision(frozenset(), "inference")
+@pytest.mark.parametrize("workload", [TRAINING, GENERATION])
+def test_cpu_choice_follows_the_measurements_and_the_cpus_bf16_units(monkeypatch, workload):
+    amx, avx512_bf16, none = frozenset({"amx_bf16", "avx512_bf16"}), frozenset({"avx512_bf16"}), frozenset()
+    # As measured (precision.BF16_TIME_ON_AMX): bf16 was slower on AMX for both workloads, so fp32 everywhere.
+    for flags in (amx, avx512_bf16, none):
+        assert cpu_precision(flags, workload).dtype == torch.float32
+    assert "slower in bf16" in cpu_precision(amx, workload).reason
+    assert compute_dtype("cpu", workload).dtype == torch.float32
+    # Had bf16 measured faster, only CPUs with AMX would get it.
+    monkeypatch.setitem(precision.BF16_TIME_ON_AMX, workload, 0.6)
+    assert cpu_precision(amx, workload) == ComputePrecision(torch.bfloat16, False, cpu_precision(amx, workload).reason)
+    assert cpu_precision(avx512_bf16, workload).dtype == torch.float32
+    assert cpu_precision(none, workload).dtype == torch.float32
 
 
 def test_cpu_flags_of_this_machine_agree_with_torchs_own_detection():
