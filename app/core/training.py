@@ -332,7 +332,7 @@ class TrainingRun:
         base = load_model(resolved.folder, self.quant.quant, self.device, config.model.trust_remote_code,
                           dtype=self.precision.dtype)
         if training.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.total_steps = training.planned_steps(len(data.train))
         self.adalora = config.lora.method == "adalora"
         self.model = wrap_base(base, config, self.total_steps)
