@@ -10,6 +10,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QApplication
 
 from app.core.catalogue import find_entry
+from app.core.config import DataSettings, LoraSettings, ModelSource, TrainingSettings
 from app.core.estimate import FITS, WONT_FIT
 from app.core.gpu import GpuMonitor
 from app.gui.style import TRAINED_BACKGROUND
@@ -339,3 +340,15 @@ def test_review_weighs_the_estimate_against_free_vram_and_auto_fit_makes_it_fit(
     assert adapter.gradient_checkpointing.isChecked()
     assert review.changes.text().startswith("Auto-fit: ")
     assert review.estimate.total < 0.85 * 6 * fakes.GB
+
+
+def test_adapter_page_starts_at_the_same_defaults_as_tailor_train(qtbot, open_window):
+    """The wizard and the CLI share one default recipe: the adapter page's untouched fields build exactly the
+    dataclass defaults (docs/recipe.md says how they were chosen)."""
+    page = open_window().wizard.adapter_page
+    page.name.setText("fresh")
+    choices = page.choices()
+    assert choices.lora == LoraSettings()
+    assert choices.training == TrainingSettings()
+    assert (choices.quant, choices.max_len, choices.packing) == (ModelSource().quant, DataSettings(path="-").max_len,
+                                                                 DataSettings(path="-").packing)

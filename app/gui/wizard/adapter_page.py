@@ -194,6 +194,9 @@ class AdapterPage(WizardPage):
         layout.addWidget(self.advanced_toggle)
         layout.addWidget(self.advanced)
         layout.addStretch(1)
+        # Every field starts at the dataclass defaults (the same ones `tailor train` uses), including the ones
+        # built above without a value (schedule, checkboxes, quant, method).
+        self.restore(RunConfig(name="defaults", data=data))
         self._sync_rank_presets(self.rank.value())
         self._method_changed()
 
