@@ -62,12 +62,12 @@ def test_analyse_filters_rows_and_warns_with_the_samples_numbers():
     assert report.usable == 2
     text = report.to_text()
     assert "1 example(s) have no assistant reply" in text and "longer than the max length (128)" in text
-    assert "Only 2 example(s) left: the sample personas needed 60 to 160" in text and "haiku.csv 60" in text
+    assert "Only 2 example(s) left: the sample personas needed 60 to 199" in text and "haiku.csv 60" in text
 
 
 def test_sample_sizes_are_counted_from_the_shipped_files():
     sizes = sample_dataset_sizes()
-    assert sizes == {"butler.jsonl": 120, "pirate.jsonl": 160, "haiku.csv": 60}
+    assert sizes == {"butler.jsonl": 120, "cowboy.jsonl": 199, "pirate.jsonl": 160, "haiku.csv": 60}
     assert too_few_warning(60) is None and too_few_warning(59) is not None
 
 
