@@ -240,12 +240,12 @@ def test_real_pirate_persona_beats_the_base_on_style(smollm2_folder, tmp_path):
     prompt set and the card's reply cap keep it to a few minutes on a CPU."""
     lines = (DATASETS / "pirate.jsonl").read_text().splitlines()
     train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
-    train.write_text("\n".join(lines[:-8]) + "\n")
-    held_out.write_text("\n".join(lines[-8:]) + "\n")
+    train.write_text("\n".join(lines[:-6]) + "\n")
+    held_out.write_text("\n".join(lines[-6:]) + "\n")
     library = Library(tmp_path / "lib")
     run_training(RunConfig(name="pirate", system_prompt="You are a pirate captain.",
-                           data=DataSettings(path=str(train), max_len=256), lora=LoraSettings(rank=16, alpha=32),
-                           training=TrainingSettings(max_steps=20, batch_size=8, learning_rate=1e-3)), library)
+                           data=DataSettings(path=str(train), max_len=192), lora=LoraSettings(rank=16, alpha=32),
+                           training=TrainingSettings(max_steps=20, batch_size=4, learning_rate=1e-3)), library)
     entry = library.get("pirate")
     session = ChatSession(*base_for([entry], None, None))
     card = evaluate_adapter(session, entry, plan_card(library, entry, held_out))
