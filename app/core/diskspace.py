@@ -20,6 +20,7 @@ from app.core.errors import TailorError
 
 # ENOSPC: the filesystem is full; EDQUOT: the user's quota on it is.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_NO_SPACE_MESSAGES = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 # A margin on top of an estimate: metadata, JSON side files and the filesystem's own blocks.
 _MARGIN_BYTES = 1 << 20
 
@@ -34,8 +35,17 @@ class DiskFullError(TailorError):
         self.free_bytes = free
 
 
-def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in _NO_SPACE
+def is_disk_full(error: BaseException, place: str | os.PathLike | None = None) -> bool:
+    """True for the OSError of a full disk or quota, and for the same failure reported by a library written in
+    another language (safetensors says 'os error 28'; torch.save only 'file write failed', so that counts when the
+    disk at `place` is indeed out of room)."""
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return True
+    text = str(error)
+    if any(marker in text for marker in _NO_SPACE_MESSAGES):
+        return True
+    free = free_bytes(place) if place is not None and "file write failed" in text else None
+    return free is not None and free < _MARGIN_BYTES
 
 
 def free_bytes(place: str | os.PathLike) -> int | None:
@@ -68,13 +78,13 @@ def require_free_space(place: str | os.PathLike, needed_bytes: int, what: str) -
                             f"and only {size_text(free)} is free.", Path(place), needed_bytes, free)
 
 
-def disk_full_error(error: OSError, place: str | os.PathLike, what: str,
+def disk_full_error(error: Exception, place: str | os.PathLike, what: str,
                     needed_bytes: int | None = None) -> DiskFullError:
     """The DiskFullError for an ENOSPC/EDQUOT that `error` reports while writing into `place`."""
     free = free_bytes(place)
     need = f"it needs about {size_text(needed_bytes)}" if needed_bytes else "the disk filled up while writing"
-    have = f", and {size_text(free)} is free" if free is not None else ""
-    quota = " (your disk quota is used up)" if error.errno == errno.EDQUOT else ""
+    have = f", with {size_text(free)} free" if free is not None else ""
+    quota = " (your disk quota is used up)" if getattr(error, "errno", None) == errno.EDQUOT else ""
     return DiskFullError(f"Not enough disk space to {what} in {place}{quota}: {need}{have}. "
                          "The unfinished copy was removed; nothing that was there before was changed.",
                          Path(place), needed_bytes, free)
@@ -85,7 +95,9 @@ def disk_space_errors(place: str | os.PathLike, what: str, needed_bytes: int | N
     """Turn a full disk inside the block into a DiskFullError naming `place`; every other error passes unchanged."""
     try:
         yield
-    except OSError as error:
-        if is_disk_full(error):
+    except DiskFullError:
+        raise
+    except Exception as error:  # safetensors and torch report a full disk as their own exception types
+        if is_disk_full(error, place):
             raise disk_full_error(error, place, what, needed_bytes) from error
         raise

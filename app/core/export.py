@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from app import __version__
+from app.core.diskspace import disk_space_errors, require_free_space
 from app.core.errors import AdapterError, DatasetError, TailorError
 from app.core.library import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_NAME, TRAINING_LOG_NAME, AdapterEntry, Library
 from app.core.share import (
@@ -76,12 +77,20 @@ def export_adapter(library: Library, name: str, format: str, out: str | os.PathL
     target = export_destination(format, entry.name, out)
     _check_replaceable(target, format, force)
     report = progress or (lambda update: None)
+    # A merged model's size depends on the base; every other format is about the adapter's own size.
+    needed = None if format == "merged" else entry.size_bytes
+    if needed:
+        require_free_space(target.parent, needed, f"export '{entry.name}'")
     try:
-        with _atomic_output(target, folder=format in FOLDER_FORMATS) as temporary:
-            _WRITERS[format](entry, temporary, base, report, target)
-    except OSError as exc:  # a full disk or a folder without write permission is for the user to fix, not a bug
+        with disk_space_errors(target.parent, f"export '{entry.name}'", needed):
+            with _atomic_output(target, folder=format in FOLDER_FORMATS) as temporary:
+                _WRITERS[format](entry, temporary, base, report, target)
+    except OSError as exc:  # a folder without write permission is for the user to fix, not a bug
+        if not entry.path.is_dir():
+            raise AdapterError(f"The adapter '{entry.name}' was renamed or deleted while it was being exported.",
+                               "List the library again and export it by its current name.") from exc
         raise TailorError(f"Could not write {target}: {exc.strerror or exc}",
-                          "Check there is enough free space and that you may write to that folder.") from exc
+                          "Check that you may write to that folder.") from exc
     report(ShareProgress(f"Exported to {target}", 1, 1))
     return target
 

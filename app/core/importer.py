@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from app.core.config import validate_adapter_name
-from app.core.diskspace import disk_full_error, is_disk_full, require_free_space
+from app.core.diskspace import disk_full_error, free_bytes, is_disk_full, require_free_space
 from app.core.errors import AdapterError
 from app.core.library import (
     ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, MANIFEST_NAME, PICKLE_WEIGHTS, AdapterEntry, Library,
@@ -57,8 +57,8 @@ def import_adapter(library: Library, source: str | os.PathLike, name: str | None
     try:
         added = _import_checked(library, source, name, base, allow_pickle, report)
     except OSError as exc:  # an unreadable source or a full disk is for the user to fix, not a bug
-        if is_disk_full(exc):
-            place = Path(exc.filename).parent if exc.filename else library.root
+        if is_disk_full(exc):  # in the library, or in the scratch folder it was unpacked into: whichever is full
+            place = min((library.root, Path(tempfile.gettempdir())), key=lambda folder: free_bytes(folder) or 0)
             raise disk_full_error(exc, place, f"import {source.name}") from exc
         raise AdapterError(f"Could not import {source}: {exc.strerror or exc}",
                            "Check the file is readable and that there is free space for the library.") from exc

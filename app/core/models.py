@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from app.core.diskspace import disk_space_errors, require_free_space
 from app.core.errors import ModelError
 from app.core.paths import cache_home
 
@@ -126,9 +127,13 @@ def convert_gguf(gguf_path: Path, target: Path, model_id: str, progress: Progres
             del model.config.quantization_config
         model.config._name_or_path = model_id
         _say(progress, "Saving the converted model…")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "tailor_source.json").write_text(json.dumps({"gguf": str(gguf_path), "model_id": model_id}))
+        needed = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+        what = f"convert {gguf_path.name} into a model folder"
+        require_free_space(target.parent, needed, what)
+        with disk_space_errors(target.parent, what, needed):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "tailor_source.json").write_text(json.dumps({"gguf": str(gguf_path), "model_id": model_id}))
         try:
             staging.rename(target)
         except OSError:
