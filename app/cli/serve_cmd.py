@@ -61,6 +61,7 @@ def run(args) -> int:
     say = lambda message: errors.print(f"[dim]{message}[/]")  # noqa: E731
     engine = ServingEngine(ChatSession(base, quant, progress=say), library, names, args.max_batch)
     personas = engine.load_available(say)
+    engine.start()
     url = url_for(sock)
     served = [persona.name for persona in personas if persona.available]
     console.print(f"Serving [bold]{engine.session.resolved.model_id}[/] ({quant}) as 'base'"

@@ -6,6 +6,10 @@ error body, and the server keeps answering afterwards."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -323,3 +327,27 @@ def test_cli_refuses_a_public_address_without_a_key_before_loading_anything(libr
     assert "without an API key" in capsys.readouterr().err
     assert main(["--library", str(library.root), "serve", "--adapters", "alpha,nobody"]) == 2
     assert "No adapter named 'nobody'" in capsys.readouterr().err
+
+
+def test_tailor_serve_command_serves_until_stopped(library, tiny_base):
+    with bind("127.0.0.1", 0) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "--library", str(library.root), "serve", "--port",
+                               str(port), "--base", str(tiny_base), "--quant", "4bit"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"COLUMNS": "200"})
+    try:
+        banner = []
+        for line in server.stdout:
+            banner.append(line)
+            if line.startswith("Try: "):
+                break
+        text = "".join(banner)
+        assert f"OpenAI-compatible API at http://127.0.0.1:{port}/v1" in text and "alpha, beta" in text
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in banner[-1]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2, timeout=60)
+        reply = ask(client, "alpha", max_tokens=3)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        server.terminate()
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status says what ended it.
+        assert server.wait(30) in (0, -signal.SIGTERM)
