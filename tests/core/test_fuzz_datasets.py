@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, note
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 
 from app.cli import main
@@ -45,20 +45,31 @@ def field(valid: st.SearchStrategy) -> st.SearchStrategy:
     return st.one_of(valid, valid, valid, json_values, st.just(MISSING))
 
 
-def row(**fields: st.SearchStrategy) -> st.SearchStrategy:
-    return st.fixed_dictionaries({key: field(value) for key, value in fields.items()}).map(
+def row(fuzzed: bool, **fields: st.SearchStrategy) -> st.SearchStrategy:
+    wrap = field if fuzzed else (lambda valid: valid)
+    return st.fixed_dictionaries({key: wrap(value) for key, value in fields.items()}).map(
         lambda values: {key: value for key, value in values.items() if value is not MISSING})
 
 
-messages = st.lists(row(role=st.sampled_from([*ROLES, "tool", "User"]), content=texts), min_size=0, max_size=4)
-turns = st.lists(row(**{"from": st.sampled_from(["human", "gpt", "system", "robot"]), "value": texts}), max_size=4)
-ROWS = {
-    "openai": row(messages=messages),
-    "sharegpt": row(conversations=turns),
-    "alpaca": row(instruction=texts, input=texts, output=texts),
-    "prompt_response": row(prompt=texts, response=texts),
-    "text": row(text=texts),
-}
+def layouts(fuzzed: bool) -> dict[str, st.SearchStrategy]:
+    """Row strategies per layout: valid rows, or (fuzzed) rows whose every field may be missing or of any type."""
+    text = texts if fuzzed else sentences
+    message = row(fuzzed, role=st.sampled_from([*ROLES, "tool", "User"] if fuzzed else ["user"]), content=text)
+    reply = row(fuzzed, role=st.just("assistant"), content=text)
+    turn = row(fuzzed, **{"from": st.sampled_from(["human", "gpt", "system", "robot"] if fuzzed else ["human"]),
+                          "value": text})
+    answer = row(fuzzed, **{"from": st.just("gpt"), "value": text})
+    return {
+        "openai": row(fuzzed, messages=st.tuples(st.lists(message, max_size=3), reply).map(lambda t: [*t[0], t[1]])),
+        "sharegpt": row(fuzzed, conversations=st.tuples(st.lists(turn, max_size=3), answer).map(lambda t: [*t[0], t[1]])),
+        "alpaca": row(fuzzed, instruction=text, input=text, output=text),
+        "prompt_response": row(fuzzed, prompt=text, response=text),
+        "text": row(fuzzed, text=text),
+    }
+
+
+sentences = st.text(min_size=1, max_size=40).filter(str.strip) | st.sampled_from(["Hi", "caf\u00e9 \U0001f600", "a\r\nb"])
+ROWS, VALID_ROWS = layouts(fuzzed=True), layouts(fuzzed=False)
 # The file types each layout comes in; save_to_disk folders (the sixth format, hf_disk) hold any layout.
 CONTAINERS = {
     "openai": ["jsonl", "json", "parquet", "hf_disk"],
@@ -148,8 +159,10 @@ def write_dataset(folder: Path, layout: str, container: str, rows: list[dict], e
 @st.composite
 def dataset_cases(draw):
     layout = draw(st.sampled_from(sorted(ROWS)))
-    return (layout, draw(st.sampled_from(CONTAINERS[layout])), draw(st.lists(ROWS[layout], max_size=6)),
-            draw(mutations()), draw(st.sampled_from(["auto", "auto", layout, *DATA_FORMATS])))
+    # Half the files start valid, so both outcomes (loaded, refused) are explored, not only the refusals.
+    rows = st.lists(VALID_ROWS[layout], min_size=1, max_size=6) | st.lists(ROWS[layout], max_size=6)
+    return (layout, draw(st.sampled_from(CONTAINERS[layout])), draw(rows), draw(st.just([]) | mutations()),
+            draw(st.sampled_from(["auto", "auto", layout, *DATA_FORMATS])))
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +201,10 @@ def test_fuzzed_dataset_loads_or_fails_with_a_named_error(case, tokenizer):
         try:
             loaded = load_dataset_file(path, format)
         except TailorError as error:
+            event("refused")
             _assert_named_error(error, path)
         else:
+            event("loaded")
             # What loads must be usable all the way through what `tailor data check` does next.
             assert loaded.rows > 0
             for conversation in loaded.conversations:
