@@ -5,7 +5,8 @@ threads, every client sending its share of the same request list (persona i % P,
   (a) batched    — Tailor's serving: waiting requests answered together, one mixed-persona batch (peft adapter_names)
   (b) one-by-one — the same server, same requests, answered strictly one at a time (--max-batch 1): the reference
   (c) one persona — one persona loaded, the same number of requests one at a time: the memory reference
-For each: requests/s, generated tokens/s, p50/p95 request latency, and the server's peak RSS (VmHWM).
+For each: requests/s, generated tokens/s, p50/p95 request latency, and the server's peak RSS (VmHWM) while serving
+(reset after start-up, whose conversion peaks are the same for every configuration).
 Goal: (a) ≥ 2x the tokens/s of (b) with 4 clients, at ≤ 1.2x the peak memory of (c).
 
 The personas are random LoRA weights (rank 16 on every linear layer, like a default Tailor run): serving cost does
@@ -62,6 +63,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM again from the current RSS (Linux), so the peak is that of serving, not of loading the model."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -101,6 +107,7 @@ def run_load(label: str, library: Path, personas: list[str], max_batch: int, cli
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         client.chat.completions.create(model=personas[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                        temperature=0)  # warm-up, not timed
+        reset_peak_rss(server.pid)
         latencies, tokens, lock = [], [0], threading.Lock()
 
         def client_loop(share: list[tuple[str, str]]) -> None:
