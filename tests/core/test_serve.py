@@ -169,6 +169,21 @@ def test_persona_system_prompt_applies_only_when_the_request_has_none(client, en
     assert with_default != bare, "the stored prompt must change the reply, or this test proves nothing"
 
 
+def test_a_persona_s_recommended_sampling_applies_when_the_request_sets_none(client, engine, library, tiny_base):
+    from app.core.library import MANIFEST_NAME, write_json_atomic
+
+    make_persona(library, tiny_base, "steady", "You are calm.", seed=4)
+    entry = library.get("steady")
+    write_json_atomic(entry.path / MANIFEST_NAME, {**entry.manifest, "sampling": {"temperature": 0}})
+    try:
+        replies = {client.chat.completions.create(model="steady", messages=HELLO, max_tokens=10).choices[0].message.content
+                   for _ in range(3)}
+        assert len(replies) == 1, "the recommended temperature 0 makes the reply greedy, hence repeatable"
+        assert replies.pop().strip() == expected(engine, "steady", HELLO, 10)
+    finally:
+        library.delete("steady")
+
+
 def test_stop_strings_cut_the_reply_and_a_seed_repeats_a_sampled_one(client, engine):
     full = ask(client, "beta", max_tokens=16).choices[0].message.content
     cut = len(full) // 2
