@@ -51,6 +51,8 @@ def run(args) -> int:
     check_exposure(args.host, args.api_key)
     if not 0 <= args.port <= 65535:
         raise TailorError(f"--port must be between 0 and 65535, not {args.port}.")
+    if args.max_batch < 1:
+        raise TailorError(f"--max-batch must be at least 1, not {args.max_batch}.")
     library = open_library(args)
     names = chosen_names(args.adapters)
     entries = [library.get_usable(name) for name in names] if names else [e for e in library.entries() if e.ok]

@@ -342,6 +342,8 @@ def test_cli_refuses_a_public_address_without_a_key_before_loading_anything(libr
     assert "without an API key" in capsys.readouterr().err
     assert main(["--library", str(library.root), "serve", "--adapters", "alpha,nobody"]) == 2
     assert "No adapter named 'nobody'" in capsys.readouterr().err
+    assert main(["--library", str(library.root), "serve", "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
 
 
 def test_tailor_serve_command_serves_until_stopped(library, tiny_base):
