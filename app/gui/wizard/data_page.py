@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 
 from app.core.config import DATA_FORMATS, DataSettings
 from app.gui import settings
-from app.gui.dataset_editor import ConvertDialog, DatasetEditor
+from app.gui.dataset_editor import ConvertDialog, DatasetEditor, freeze_heap
 from app.gui.wizard.base import DatasetInfo, WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 from app.gui.wizard.widgets import ExampleView, PathField, TokenHistogram, legend_html
@@ -251,6 +251,7 @@ class DataPage(WizardPage):
         path, format, prompt_column, response_column, _ = request = self._request()
         tokenizer, max_len, system_prompt = self.context.model.tokenizer, self._max_len(), self._system_prompt()
         self.context.dataset = None
+        freeze_heap()  # the loader makes a row's worth of objects per example; collections then skip the rest
         self.run_job(
             lambda report: inspect_dataset(path, format, prompt_column, response_column, tokenizer, max_len,
                                            system_prompt, report),
@@ -416,6 +417,7 @@ class DataPage(WizardPage):
             conversations = [example["messages"] for example in conversion.examples]
             return conversion, conversations, token_lengths(tokenizer, conversations, system_prompt)
 
+        freeze_heap()
         self.run_job(work, f"Converting {Path(path).name}…", self._converted)
 
     def _converted(self, result) -> None:
