@@ -111,7 +111,8 @@ def test_group_with_hundreds_of_members_keeps_only_the_context_of_each_reply():
     conversion = convert_export(EXPORTS / "whatsapp_large_group.txt", "whatsapp", "Coach Rui")
     report = conversion.report
     assert len(report.speakers) > 300
-    assert report.examples == 28 and any("people write in this chat" in note for note in report.notes)
+    assert report.examples == 28 and any("whatsapp_large_group.txt: " in note and "people write in this chat" in note
+                                       for note in report.notes)
     for example in conversion.examples:
         for message in example["messages"]:
             if message["role"] == "user":

@@ -277,7 +277,7 @@ def build_examples(messages: list[ChatMessage], report: ConversionReport, person
     large = len(report.speakers) > LARGE_GROUP
     if large:
         report.notes.append(
-            f"{len(report.speakers):,} people write in this chat: each of {speaker}'s replies keeps only the "
+            f"{Path(report.path).name}: {len(report.speakers):,} people write in this chat: each of {speaker}'s replies keeps only the "
             f"{CONTEXT_IN_LARGE_GROUPS} messages before it as context. For whole conversations, export a smaller chat.")
     anonymiser = Anonymiser(speaker, anonymise)
     examples = []
