@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import Qt
 
 from app.core.data import load_dataset_file
 from app.gui.dataset_editor import ASSISTANT, CHECK, FETCH_BATCH, TOKENS, USER, DatasetEditor
@@ -173,14 +172,14 @@ def test_dataset_page_converts_a_whatsapp_chat_edits_it_and_saves_it(qtbot, open
         model.setData(model.index(0, ASSISTANT), "Absolutely, wouldn't miss it for the world, and I will bring "
                                                  "the spare chalk bag, the guidebook and snacks for everyone.")
     trained = "".join(text for text, is_trained in page.example.segments if is_trained)
-    assert "guidebook and snacks" in trained and TRAINED_BACKGROUND in page.example.toHtml().lower() or trained
+    assert "guidebook and snacks" in trained and TRAINED_BACKGROUND in page.example.toHtml()
     assert sum(page.histogram.lengths) > before
 
     page.editor.table.selectRow(0)
-    if SCREENSHOT.parent.is_dir() or os.environ.get("TAILOR_SCREENSHOTS"):
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        qtbot.wait(100)
-        assert window.grab().save(str(SCREENSHOT))
+    # TAILOR_SCREENSHOTS=1 refreshes the README's picture; otherwise the shot only has to be taken.
+    shot = SCREENSHOT if os.environ.get("TAILOR_SCREENSHOTS") else tmp_path / "dataset-editor.png"
+    qtbot.wait(100)
+    assert window.grab().save(str(shot)) and shot.stat().st_size > 10_000
 
     saved = tmp_path / "sam.jsonl"
     with qtbot.waitSignal(page.editor.saved, timeout=LOAD_TIMEOUT_MS):
