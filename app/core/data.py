@@ -357,6 +357,8 @@ def load_dataset_file(path: str | Path, format: str = "auto", prompt_column: str
             messages = convert(row, where)
             if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
                 raise ValueError(f"{where}: no assistant reply to learn from")
+            if messages[0]["role"] == "assistant":  # a reply needs something it replies to; templates refuse it too
+                raise ValueError(f"{where}: starts with an assistant reply; put the user's message before it")
         except ValueError as exc:
             total_problems += 1
             if len(problems) < MAX_PROBLEMS:

@@ -169,8 +169,10 @@ def lora_config_problem(config: Any) -> str | None:
     """What makes an adapter_config.json unusable as a LoRA config (peft would fail or misread it), or None."""
     if not isinstance(config, dict):
         return f"{ADAPTER_CONFIG} is not a JSON object"
-    if config.get("peft_type", "LORA") != "LORA":
-        return f"it is a {config.get('peft_type')!s:.40} adapter; Tailor works with LoRA adapters only"
+    if "peft_type" not in config:  # peft cannot tell which kind of adapter to build without it
+        return f"{ADAPTER_CONFIG} does not say what kind of adapter it is (no peft_type)"
+    if config["peft_type"] != "LORA":
+        return f"it is a {config['peft_type']!s:.40} adapter; Tailor works with LoRA adapters only"
     rank = config.get("r", 8)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= 65536:
         return f"{ADAPTER_CONFIG} gives the rank r as {rank!r:.40}; it must be a positive whole number"
@@ -236,15 +238,15 @@ def inspect_adapter_folder(path: Path) -> tuple[dict[str, Any] | None, str | Non
     """
     if not (path / ADAPTER_CONFIG).is_file():
         return None, f"{ADAPTER_CONFIG} is missing (half-written or not an adapter)"
-    config, problem = _read_json(path / ADAPTER_CONFIG)
-    problem = problem or lora_config_problem(config)
-    if problem:
-        return None, problem
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (path / PICKLE_WEIGHTS).is_file():
             return None, f"weights are a pickle ({PICKLE_WEIGHTS}), which can run code when loaded"
         return None, f"{ADAPTER_WEIGHTS} is missing"
+    config, problem = _read_json(path / ADAPTER_CONFIG)
+    problem = problem or lora_config_problem(config)
+    if problem:
+        return None, problem
     problem = _safetensors_problem(weights)
     manifest = None
     if (path / MANIFEST_NAME).is_file():
