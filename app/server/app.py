@@ -97,6 +97,8 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServeError(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:  # thousands of nested [ or { : no chat request nests deeper than a few levels
+        raise ServeError("The request body nests JSON arrays or objects too deeply.") from None
     if not isinstance(data, dict):
         raise ServeError("The request body must be a JSON object with 'model' and 'messages'.")
     try:
