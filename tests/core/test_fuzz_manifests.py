@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from adapter_factory import make_random_adapters
-from hypothesis import given, note
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from library_state import tree_digest
 
@@ -95,6 +95,8 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
+# Each example runs a whole CLI command (an export reads the base's tokenizer), so half the profile's count.
+@settings(max_examples=max(10, settings().max_examples // 2))
 @given(changes=st.lists(edits, max_size=3), damage=raw_damage, command=st.sampled_from(COMMANDS))
 def test_fuzzed_manifest_never_crashes_a_command_or_touches_other_adapters(changes, damage, command, origin):
     with tempfile.TemporaryDirectory() as folder:
