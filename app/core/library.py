@@ -512,7 +512,7 @@ class Library:
         with self.lock():
             doomed = []
             for path in self.trash_entries():
-                self.ensure()
+                self._staging_dir.mkdir(parents=True, exist_ok=True)
                 target = Path(tempfile.mkdtemp(prefix="deleting-", dir=self._staging_dir)) / path.name
                 os.replace(path, target)
                 doomed.append(target.parent)
