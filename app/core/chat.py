@@ -32,6 +32,10 @@ BASE = "base"
 BASE_LABEL = "Base (no adapter)"
 
 
+GREEDY_BELOW = 1e-3
+"""Temperatures below this decode greedily."""
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """How a reply is decoded. The defaults follow the local-LLM apps people already use (Ollama's: top-k 40, top-p
@@ -72,7 +76,9 @@ class GenerationSettings:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Dividing the logits by a temperature this close to 0 overflows them to inf (then NaN probabilities, and
+        # sampling fails); the limit of sampling as the temperature goes to 0 is greedy decoding anyway.
+        return self.temperature < GREEDY_BELOW
 
     def sampling(self) -> dict[str, float | int]:
         """The decoding choices a persona can recommend (its manifest's "sampling"), without length or seed."""
