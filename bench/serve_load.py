@@ -1,4 +1,4 @@
-"""`tailor serve` under load: N concurrent clients over a mix of personas on the real bundled SmolLM2-135M (4-bit).
+"""`tailor serve` under load: N concurrent clients over a mix of personas on the real bundled SmolLM2-135M.
 
 Each configuration is a fresh `tailor serve` process on 127.0.0.1 driven by the official `openai` client from N
 threads, every client sending its share of the same request list (persona i % P, greedy, fixed max_tokens):
@@ -12,7 +12,7 @@ Goal: (a) ≥ 2x the tokens/s of (b) with 4 clients, at ≤ 1.2x the peak memory
 The personas are random LoRA weights (rank 16 on every linear layer, like a default Tailor run): serving cost does
 not depend on what the weights say.
 
-    python bench/serve_load.py [--clients 4] [--requests 16] [--max-tokens 48] [--personas 4]
+    python bench/serve_load.py [--clients 4] [--requests 16] [--max-tokens 48] [--personas 4] [--quant 4bit|none]
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def start_server(library: Path, adapters: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(library: Path, adapters: str, max_batch: int, quant: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "--library", str(library), "serve", "--port", str(port),
-                               "--adapters", adapters, "--quant", "4bit", "--max-batch", str(max_batch)],
+                               "--adapters", adapters, "--quant", quant, "--max-batch", str(max_batch)],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -97,11 +97,11 @@ def start_server(library: Path, adapters: str, max_batch: int) -> tuple[subproce
 
 
 def run_load(label: str, library: Path, personas: list[str], max_batch: int, clients: int, requests: int,
-             max_tokens: int) -> Result:
+             max_tokens: int, quant: str) -> Result:
     import httpx
     import openai
 
-    server, url = start_server(library, ",".join(personas), max_batch)
+    server, url = start_server(library, ",".join(personas), max_batch, quant)
     try:
         jobs = [(personas[index % len(personas)], PROMPTS[index % len(PROMPTS)]) for index in range(requests)]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -139,6 +139,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration, spread over the clients")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--personas", type=int, default=4)
+    parser.add_argument("--quant", choices=("4bit", "8bit", "none"), default="4bit", help="how the base is loaded")
     args = parser.parse_args()
 
     from adapter_factory import make_random_adapters
@@ -153,12 +154,13 @@ def main() -> int:
         names = [f"persona{index}" for index in range(args.personas)]
         make_random_adapters(library, resolve_base("default").folder, names, rank=16, target_modules=LINEAR)
         results = [
-            run_load("(a) batched, multi-persona", library.root, names, 8, args.clients, args.requests, args.max_tokens),
-            run_load("(b) one at a time, multi-persona", library.root, names, 1, args.clients, args.requests, args.max_tokens),
-            run_load("(c) one at a time, one persona", library.root, names[:1], 1, args.clients, args.requests, args.max_tokens),
+            run_load(label, library.root, served, max_batch, args.clients, args.requests, args.max_tokens, args.quant)
+            for label, served, max_batch in (("(a) batched, multi-persona", names, 8),
+                                             ("(b) one at a time, multi-persona", names, 1),
+                                             ("(c) one at a time, one persona", names[:1], 1))
         ]
     batched, one_by_one, single = results
-    print(f"\nSmolLM2-135M-Instruct 4-bit on CPU, {args.clients} concurrent clients, {args.requests} requests per row, "
+    print(f"\nSmolLM2-135M-Instruct ({args.quant}) on CPU, {args.clients} concurrent clients, {args.requests} requests per row, "
           f"{args.personas} personas, greedy, max_tokens {args.max_tokens}, {os.cpu_count()} CPU cores\n")
     print("| configuration | requests/s | generated tokens/s | p50 latency s | p95 latency s | peak RSS MiB | largest batch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
