@@ -267,6 +267,10 @@ def load_model(folder: Path, quant: str = "4bit", device: str | None = None, tru
     quiet_transformers()
     device = device or pick_device()
     dtype = dtype or compute_dtype(device).dtype
+    if device == "cpu":
+        from app.core.cpu_memory import return_freed_memory_to_os
+
+        return_freed_memory_to_os()  # else glibc keeps freed activations: up to 2.8x the RAM a CPU run needs
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
