@@ -12,8 +12,10 @@ Static for the whole run:
   trainable parameters.
 - Runtime: on CUDA the context the driver, cuBLAS and the kernels take before the first tensor; on the CPU the
   Python interpreter with PyTorch, transformers, peft and bitsandbytes loaded, and the tokenizer and dataset.
-- Loading, on the CPU: the checkpoint file is mapped into memory while the model is built from it, so for small
-  batches the process peaks while loading, not while training; the estimate takes the larger of the two.
+- The model file, on the CPU: transformers memory-maps it, and when the model computes in the file's dtype the
+  embeddings keep pointing into it, so the whole file stays resident for the run (less the pages the embeddings
+  share, counted already). glibc's heap fragmentation is not counted: Tailor pins its mmap threshold on the CPU
+  (app/core/cpu_memory.py), which keeps the process near its live tensors.
 
 Activations, at the moment of the peak. Autograd saves, per token and per decoder block, in the compute dtype unless
 noted (checked against the tensors autograd really saves for a Llama block, about 6% more, on purpose):
@@ -104,9 +106,10 @@ class MemoryEstimate:
     """Whether the activations were counted with gradient checkpointing on."""
     device: str = "cuda"
     """'cuda' or 'cpu': where the run would happen."""
-    loading: int = 0
-    """CPU only: how far loading peaks above training, with the whole checkpoint file mapped into memory while it
-    is read and quantised; 0 when training needs more (and always on CUDA, where the file passes through RAM)."""
+    mapped_checkpoint: int = 0
+    """CPU only: the model's file, memory-mapped while it loads and, when the model computes in the file's own dtype
+    (the embeddings then share its pages), for the whole run; counted once, less what the base weights share.
+    Clean file pages, so the OS can drop them under pressure, but resident memory counts them. 0 on CUDA."""
 
     @property
     def backward_peak(self) -> int:
@@ -141,7 +144,8 @@ class MemoryEstimate:
              self.activations, "activations"),
             peak,
             ("CUDA context" if self.device == "cuda" else "Python and libraries", self.runtime, "runtime"),
-        ] + ([("Extra while loading the checkpoint", self.loading, "loading")] if self.loading else [])
+        ] + ([("Model file, memory-mapped", self.mapped_checkpoint, "mapped_checkpoint")]
+             if self.mapped_checkpoint else [])
 
 
 @dataclass(frozen=True)
@@ -268,10 +272,10 @@ def estimate_training_memory(
     block_backward = recomputed + BLOCK_BACKWARD_WORKING_SHARE * block + dequantised_weight
 
     base_weights = _base_weight_bytes(shape, quant, compute_bytes)
-    training = base_weights + 4 * trainable * FP32_BYTES + math.ceil(saved) + max(math.ceil(logits),
-                                                                                 math.ceil(block_backward))
-    # Loading maps the whole checkpoint file while it builds the (quantised) model next to it; CPU memory only.
-    loading = base_weights + shape.parameter_count * checkpoint_bytes if device == "cpu" else 0
+    # On the CPU the file stays mapped; weights loaded in the file's own dtype without quantising share its pages.
+    shared_with_file = (shape.embedding_count() + shape.output_head_count()) * compute_bytes \
+        if compute_bytes == checkpoint_bytes else 0
+    mapped_checkpoint = shape.parameter_count * checkpoint_bytes - shared_with_file if device == "cpu" else 0
 
     return MemoryEstimate(
         base_weights=base_weights,
@@ -282,7 +286,7 @@ def estimate_training_memory(
         logits=math.ceil(logits),
         block_backward=math.ceil(block_backward),
         runtime=CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
-        loading=max(0, loading - training),
+        mapped_checkpoint=mapped_checkpoint,
         lora_param_count=trainable,
         gradient_checkpointing=gradient_checkpointing,
         device=device,

@@ -192,15 +192,19 @@ def test_default_compute_dtype_is_the_one_tailor_trains_in():
         0, dtype=compute_dtype("cpu").dtype).element_size()
 
 
-def test_on_the_cpu_a_small_run_peaks_while_loading_the_checkpoint():
+def test_on_the_cpu_the_mapped_model_file_is_counted_once():
     shape = find_entry("smollm2-135m").shape
-    small = estimate_training_memory(shape, batch_size=1, max_len=256, device="cpu", checkpoint_bytes=4)
-    training = small.total - small.runtime - small.loading
-    assert small.loading == small.base_weights + shape.parameter_count * 4 - training > 0
-    assert small.row_fields()[-1] == "loading" and small.total == sum(amount for _, amount in small.rows())
-    big = estimate_training_memory(shape, batch_size=8, max_len=1024, device="cpu", checkpoint_bytes=4)
-    assert big.loading == 0 and "loading" not in big.row_fields()
-    assert estimate_training_memory(shape, batch_size=1, max_len=256, device="cuda", checkpoint_bytes=4).loading == 0
+    fp32_file = estimate_training_memory(shape, batch_size=1, max_len=256, device="cpu", compute_bytes=4,
+                                         checkpoint_bytes=4)
+    # Tied embeddings loaded in the file's dtype share its pages: the rest of the file is the extra.
+    assert fp32_file.mapped_checkpoint == (shape.parameter_count - shape.embedding_count()) * 4
+    assert fp32_file.row_fields()[-1] == "mapped_checkpoint"
+    assert fp32_file.total == sum(amount for _, amount in fp32_file.rows())
+    bf16_file = estimate_training_memory(shape, batch_size=1, max_len=256, device="cpu", compute_bytes=4,
+                                         checkpoint_bytes=2)
+    assert bf16_file.mapped_checkpoint == shape.parameter_count * 2  # converted on load: nothing shared
+    on_gpu = estimate_training_memory(shape, batch_size=1, max_len=256, device="cuda", checkpoint_bytes=4)
+    assert on_gpu.mapped_checkpoint == 0 and "mapped_checkpoint" not in on_gpu.row_fields()
 
 
 def test_untied_head_is_counted_and_tied_head_is_not():
