@@ -38,6 +38,8 @@ LIBRARY_VERSION = 1
 LOCK_NAME = ".lock"
 LOCK_TIMEOUT_S = 120.0
 """How long a writer waits for another to finish (a publish or an import takes seconds, not minutes)."""
+STALE_STAGING_S = 24 * 3600
+"""Staging folders older than this were left by a killed process and are removed by the next writer."""
 MANIFEST_NAME = "tailor.json"
 TRAINING_LOG_NAME = "training_log.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -445,12 +447,24 @@ class Library:
         It is removed whatever happens; a disk that fills while it is written raises DiskFullError naming the library.
         """
         self.ensure()
+        self._sweep_stale_staging()
         folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._staging_dir))
         try:
             with disk_space_errors(self.root, "add an adapter to the library"):
                 yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _sweep_stale_staging(self) -> None:
+        """Remove what a killed process left in staging (a half-written adapter, a half-emptied trash item); a day
+        old is far older than any publish or import still running."""
+        cutoff = time.time() - STALE_STAGING_S
+        for leftover in self._staging_dir.iterdir():
+            try:
+                if leftover.stat().st_mtime < cutoff:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # another writer removed it first
 
     def publish(self, staged: Path, name: str, rename_if_taken: bool = False) -> AdapterEntry:
         """Move a complete staged folder into the library under `name`; fails rather than overwrite.

@@ -169,3 +169,19 @@ def test_several_writers_at_once_lose_nothing_and_leave_nothing_half_written(sou
         manifest, problem = inspect_adapter_folder(trashed)
         assert problem is None, f"{trashed.name}: {problem}"
         _loads_completely(trashed)
+
+
+def test_what_a_killed_writer_left_in_staging_is_swept_by_the_next_one(sources, tmp_path):
+    import os as os_module
+    import time as time_module
+
+    library = Library(tmp_path / "library").ensure()
+    stale, fresh = library.root / ".staging" / "adapter-killed", library.root / ".staging" / "adapter-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / ADAPTER_WEIGHTS).write_bytes(b"half")
+    day_old = time_module.time() - 25 * 3600
+    os_module.utime(stale, (day_old, day_old))
+    with library.staging():
+        pass
+    assert not stale.exists() and fresh.exists(), "only the abandoned folder goes; a running import's stays"
