@@ -39,9 +39,11 @@ log = logging.getLogger("tailor.serve")
 MAX_BATCH = 8
 """Requests answered in one generate() call; more wait for the next one."""
 GATHER_S = 0.02
-"""How long the worker waits for more requests before starting a batch that is not full. Clients whose replies
-ended together send their next requests a few milliseconds apart; without this wait the first would start alone
-and the rest would queue behind it for a whole reply."""
+"""How long the worker waits for more requests before starting a batch when it expects no more."""
+GATHER_MAX_S = 0.25
+"""How long it waits, at most, for as many requests as the last round had. Clients whose replies ended together
+send their next requests some milliseconds apart (more on a busy machine); starting with the first alone would make
+the rest queue behind it for a whole reply, so waiting a fraction of a second to batch them pays many times over."""
 PEFT_BASE_ROW = "__base__"
 """peft's name for a row of a mixed batch that uses no adapter."""
 
@@ -234,6 +236,8 @@ class ServingEngine:
         self.started = time.time()
         self.running = 0
         self.largest_batch = 0
+        self._demand = 1
+        """Requests in the last round: the batch that ran plus those that queued behind it."""
         """The most requests answered together so far (tests and the benchmark check batching happens)."""
         self._ids = itertools.count(1)
         self._queue: deque[Generation] = deque()
@@ -398,6 +402,7 @@ class ServingEngine:
             self.largest_batch = max(self.largest_batch, len(batch))
             try:
                 self._run_batch(batch)
+                self._demand = len(batch) + len(self._queue)
             except Exception as exc:  # one bad batch must not end the server; its clients hear why
                 log.exception("Generation failed for requests %s", [generation.id for generation in batch])
                 message = exc.message if isinstance(exc, TailorError) else "Generation failed; the server log says why."
@@ -414,8 +419,9 @@ class ServingEngine:
         with self._wake:
             while not self._queue and not self._closing:
                 self._wake.wait()
-            deadline = time.monotonic() + GATHER_S
-            while 1 < self.max_batch and len(self._queue) < self.max_batch and not self._closing:
+            wanted = min(self.max_batch, max(2, self._demand))
+            deadline = time.monotonic() + (GATHER_MAX_S if self._demand > 1 else GATHER_S)
+            while 1 < self.max_batch and len(self._queue) < wanted and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
