@@ -429,3 +429,65 @@ def test_auto_quant_trains_16_bit_when_it_fits_comfortably_and_4_bit_when_memory
     assert roomy.quant == "none" and "16-bit LoRA, chosen automatically" in roomy.reason
     assert tight.quant == "4bit" and "would not fit comfortably" in tight.reason
     assert choose_training_quant("8bit", shape, 10**12, **settings).quant == "8bit"
+
+
+LIVE_PEAK_PROGRAM = """
+import sys, tempfile, threading, time
+import psutil, torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from app.core.catalogue import ModelShape
+from app.core.estimate import estimate_training_memory
+from app.core.models import load_model
+from app.core.training import trained_token_loss
+
+checkpointing, length = sys.argv[1] == "1", int(sys.argv[2])
+batch = 4
+config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
+                     num_key_value_heads=4, vocab_size=16000, tie_word_embeddings=True, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+folder = tempfile.mkdtemp()
+torch.manual_seed(0)
+LlamaForCausalLM(config).save_pretrained(folder)
+model = load_model(folder, "4bit", "cpu")  # pins glibc's mmap threshold, as every CPU run does
+if checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model = get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+model.train()
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+process = psutil.Process()
+anonymous = lambda: (lambda info: info.rss - info.shared)(process.memory_info())
+before, peak, done = anonymous(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous()); time.sleep(0.001)
+sampler = threading.Thread(target=sample); sampler.start()
+for _ in range(2):
+    ids = torch.randint(3, config.vocab_size, (batch, length))
+    loss, count = trained_token_loss(model, {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+                                             "position_ids": None}, "cpu")
+    (loss / count).backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+done.set(); sampler.join()
+estimate = estimate_training_memory(ModelShape.from_hf_config(config), batch_size=batch, max_len=length,
+                                    gradient_checkpointing=checkpointing, device="cpu", compute_bytes=4,
+                                    trained_share=(length - 1) / length)
+# The base model was resident before the sampling started; the estimate's runtime and file terms are not tensors.
+predicted = estimate.total - estimate.runtime - estimate.mapped_checkpoint - estimate.base_weights
+print(predicted / (peak[0] - before))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_cpu_estimate_matches_the_peak_of_real_training_steps(checkpointing):
+    """Two real 4-bit QLoRA steps (Tailor's own loss) of a random Llama on the CPU, in a fresh process: the memory
+    they add on top of the loaded model, sampled every millisecond, against the estimate for the same settings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", LIVE_PEAK_PROGRAM, "1" if checkpointing else "0", "256"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ratio = float(result.stdout.split()[-1])
+    assert 0.85 <= ratio <= 1.15, f"estimate / measured = {ratio:.2f}"
