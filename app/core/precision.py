@@ -47,11 +47,13 @@ CPU_BF16_UNIT = "amx_bf16"
 """Only a CPU with AMX tiles could make bf16 pay: AVX512-BF16 alone has dot-product instructions but no tile unit
 behind them, and without either PyTorch emulates bf16. CPUs without AMX therefore compute in fp32 unmeasured."""
 BF16_TIME_ON_AMX = {TRAINING: 1.26, GENERATION: 2.09}
-"""bf16 time / fp32 time for Tailor's work on an AMX CPU (Xeon with AMX + AVX512-BF16, 2 cores, shared): a 4-bit
-SmolLM2-135M training step (decoder + trained-token loss + backward + AdamW, LoRA r16, gradient checkpointing)
-and a 4-bit generation step (bench/cpu_compute_dtype.py). A lone 4-bit linear's forward + backward was 0.75x in
-bf16, but the whole step is slower: bitsandbytes dequantises every weight on every call, RMSNorm and softmax upcast
-to fp32, and peft casts each LoRA input to fp32, so the AMX matmuls are a small share of the time."""
+"""bf16 time / fp32 time on this project's AMX CPU (Xeon with AMX + AVX512-BF16, 2 cores shared by other jobs, so
+single noisy samples): TRAINING, a whole 4-bit SmolLM2-135M training step (decoder, Tailor's trained-token loss,
+backward, AdamW; LoRA r16, gradient checkpointing, batch 2 x 128) took 61 s in bf16 against 48 s in fp32;
+GENERATION, one-token forward passes of a 4-bit linear (576 -> 1536), 29.7 ms against 14.2 ms. Only a lone 4-bit
+linear's forward + backward over 1024 tokens was faster in bf16 (0.75x): bitsandbytes dequantises every weight on
+every call, norms and softmax upcast to fp32 and peft casts each LoRA input to fp32, so the AMX matmuls are too small
+a share of the step. bench/cpu_compute_dtype.py repeats the full comparison (training steps and chat tokens/s)."""
 BF16_WIN_RATIO = 0.9
 """bf16 is chosen for a workload only where it took at most this share of fp32's time: a clear win, not noise."""
 
