@@ -36,10 +36,11 @@ def run(args) -> int:
     if result.paused:
         return 130
 
-    session = ChatSession("default", "4bit", progress=lambda message: console.print(f"[dim]{message}[/]"))
+    # Chat's own precision choice (16-bit when it fits), so the demo and its card show what `tailor chat` would.
+    session = ChatSession("default", "auto", progress=lambda message: console.print(f"[dim]{message}[/]"))
     persona = session.load_adapter(result.adapter)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    table = Table(title="Same question, base model vs. your new persona (greedy decoding)", show_lines=True)
+    table = Table(title=f"Same question, base model vs. your new persona ({settings.describe()})", show_lines=True)
     table.add_column("Question", style="bold", ratio=1)
     table.add_column("Base SmolLM2-135M", ratio=2)
     table.add_column(f"Persona '{persona}'", ratio=2, style="magenta")
