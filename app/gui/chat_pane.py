@@ -614,6 +614,12 @@ class ChatPane(QWidget):
         self.mixer.set_busy(None)
         self.banner.show_message(f"The mix '{name}' could not be made.", reason)
 
+    @Slot(str)
+    def _precision_chosen(self, description: str) -> None:
+        # The first clause (what and why) fits beside the combo; the rest (the dtype's reason) is in the tooltip.
+        self.precision_note.setText(description.split(";")[0] + ".")
+        self.precision_note.setToolTip(description)
+
     @Slot(int, str)
     def _reply_trimmed(self, request_id: int, note: str) -> None:
         pending = self.pending.get(request_id)
@@ -663,7 +669,7 @@ class ChatPane(QWidget):
         self._save_mix.connect(worker.save_mix)
         self._release.connect(worker.release)
         worker.status.connect(self._worker_status)
-        worker.precision_chosen.connect(self.precision_note.setText)
+        worker.precision_chosen.connect(self._precision_chosen)
         worker.reply_trimmed.connect(self._reply_trimmed)
         worker.base_ready.connect(self._base_ready)
         worker.persona_opened.connect(self._persona_opened)

@@ -177,7 +177,7 @@ class ChatWorker(QObject):
             except Exception as exc:
                 del self._mixes[name]
                 self.mix_failed.emit(name, user_message(exc))
-        self.status.emit(f"{self._session.resolved.model_id} ({self._session.precision.label}) is ready.")
+        self.status.emit(f"{self._session.resolved.model_id} is ready, in {self._session.precision.label}.")
         return self._session
 
     def _load_persona(self, name: str) -> None:
