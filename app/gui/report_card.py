@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import threading
 
-from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
     QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableWidget, QTableWidgetItem, QTabWidget,
@@ -135,6 +135,8 @@ class ReportCardView(QWidget):
         header.resizeSection(0, 220)
         for column in range(1, len(headers)):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.Stretch)
+        # Row heights follow the wrapped text, which depends on the column widths the window ends up with.
+        header.sectionResized.connect(lambda *_: table.resizeRowsToContents())
         return table
 
     # Showing
@@ -170,7 +172,7 @@ class ReportCardView(QWidget):
         for row, (question, *replies) in enumerate(rows):
             table.setItem(row, 0, QTableWidgetItem(question))
             for column, (text, tags) in enumerate(replies, 1):
-                item = QTableWidgetItem(f"{text or '(empty reply)'}\n[{tags}]")
+                item = QTableWidgetItem(f"[{tags}]  {text or '(empty reply)'}")
                 item.setToolTip(tags)
                 if "loops" in tags or tags == "wrong":
                     item.setBackground(QBrush(QColor(LOOP_BACKGROUND)))
@@ -179,6 +181,8 @@ class ReportCardView(QWidget):
                 if "off topic" in tags:
                     item.setForeground(QBrush(QColor(WARN)))
                 table.setItem(row, column, item)
+            for column in range(table.columnCount()):
+                table.item(row, column).setTextAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         table.resizeRowsToContents()
 
     # Evaluating
@@ -201,6 +205,12 @@ class ReportCardView(QWidget):
     @property
     def is_evaluating(self) -> bool:
         return self.job is not None
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        # After the layout has given the tables their new widths (it runs after this event), fit the rows again.
+        for table in (self.replies, self.knowledge):
+            QTimer.singleShot(0, table, table.resizeRowsToContents)
 
     def closeEvent(self, event) -> None:
         # A closed card needs no answers: the worker stops within a token instead of generating on unseen.

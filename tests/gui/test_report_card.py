@@ -87,6 +87,7 @@ def test_report_card_screenshot(qtbot, tiny_library):
     view.resize(1280, 800)
     view.show()
     qtbot.waitExposed(view)
+    qtbot.wait(200)  # the rows take their height once the columns have their final widths
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     assert view.grab().save(str(SCREENSHOTS / "report-card.png"))
 
