@@ -297,3 +297,20 @@ def test_cli_chat_notes_when_older_messages_are_left_out(library, monkeypatch, c
     assert main(["--library", str(library.root), "chat", "--adapter", "alpha", "--max-new-tokens", "4"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert out.count("longer than the model can read at once (1024 tokens)") == 2, out
+
+
+@pytest.mark.slow
+def test_the_real_bundled_model_does_not_loop_with_the_default_decoding(smollm2_folder):
+    """SmolLM2-135M answering open questions: greedy decoding without a penalty falls into loops on some of them
+    (the problem the defaults fix); the default decoding, seeded for repeatability, loops on none."""
+    from app.core.evaluation import loops
+
+    session = ChatSession("default")
+    prompts = ["Write a short poem about the sea.", "List some fun things to do on a rainy day.",
+               "Tell me a story about a dragon.", "Describe your perfect day."]
+
+    def loop_count(settings: GenerationSettings) -> int:
+        return sum(loops(session.reply([{"role": "user", "content": prompt}], BASE, settings)) for prompt in prompts)
+
+    assert loop_count(GenerationSettings(temperature=0, repetition_penalty=1.0, max_new_tokens=160)) >= 1
+    assert loop_count(GenerationSettings(max_new_tokens=160, seed=0)) == 0
