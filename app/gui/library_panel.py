@@ -25,7 +25,7 @@ from app.core.library import AdapterEntry, BaseProfile, Library, add_peft_folder
 from app.gui.chat_worker import loaded_base
 from app.gui.report_card import open_report_card
 from app.gui.style import ACCENT, BAD, GOOD, WARN
-from app.gui.training_panel import SmoothedSeries
+from app.gui.training_panel import EVAL_COLOUR, SmoothedSeries
 from app.gui.wizard.base import Banner
 from app.gui.wizard.widgets import LazyPlots, static_plot
 from app.gui.workers import Job, run_function
@@ -514,12 +514,16 @@ class LossCurve(LazyPlots):
         self.steps: list[int] = []
         self.losses: list[float] = []
         self.smoothed: list[float] = []
+        self.eval_steps: list[int] = []
+        self.eval_losses: list[float] = []
 
     def set_log(self, log: list[dict]) -> None:
         series = SmoothedSeries()
         self.steps = [point["step"] for point in log]
         self.losses = [point["loss"] for point in log]
         self.smoothed = [series.add(loss) for loss in self.losses]
+        self.eval_steps = [point["step"] for point in log if isinstance(point.get("eval_loss"), (int, float))]
+        self.eval_losses = [point["eval_loss"] for point in log if isinstance(point.get("eval_loss"), (int, float))]
         self.changed()
 
     def build(self, layout: QVBoxLayout) -> None:
@@ -529,11 +533,14 @@ class LossCurve(LazyPlots):
         plot.addLegend(offset=(-10, 10))
         self.raw_curve = plot.plot([], [], name="loss", pen=pg.mkPen("#9dbbe0", width=1))
         self.smooth_curve = plot.plot([], [], name="smoothed", pen=pg.mkPen(ACCENT, width=2.5))
+        self.eval_curve = plot.plot([], [], name="held-out", pen=pg.mkPen(EVAL_COLOUR, width=2), symbol="o",
+                                    symbolSize=7, symbolBrush=EVAL_COLOUR, symbolPen=None)
         layout.addWidget(plot)
 
     def redraw(self) -> None:
         self.raw_curve.setData(self.steps, self.losses)
         self.smooth_curve.setData(self.steps, self.smoothed)
+        self.eval_curve.setData(self.eval_steps, self.eval_losses)
 
 
 def _training_log(entry: AdapterEntry) -> list[dict]:
