@@ -31,6 +31,7 @@ from app.core.catalogue import ModelShape
 from app.core.estimate import quant_for_run
 from app.core.config import RunConfig
 from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
+from app.core.diskspace import disk_space_errors, require_free_space
 from app.core.errors import TailorError
 from app.core.heldout import prompts_of, split_rows, write_heldout
 from app.core.library import (
@@ -430,10 +431,18 @@ class TrainingRun:
 
         staging = self.run_dir / f".{CHECKPOINT_NAME}.new"
         shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
-        torch.save(self._state(), staging / STATE_NAME)
-        # Readable without torch, so the GUI can offer "resume at step 40 of 100" instantly.
-        write_json_atomic(staging / PROGRESS_NAME, {"step": self.progress.step, "total_steps": self.total_steps})
+        # The adapter, and AdamW's two moments of it, plus the state's small change.
+        needed = 3 * sum(p.numel() * p.element_size() for p in self.trainable)
+        try:
+            with disk_space_errors(self.run_dir, "save a checkpoint", needed):
+                require_free_space(self.run_dir, needed, "save a checkpoint")
+                self.model.save_pretrained(staging)
+                torch.save(self._state(), staging / STATE_NAME)
+                # Readable without torch, so the GUI can offer "resume at step 40 of 100" instantly.
+                write_json_atomic(staging / PROGRESS_NAME, {"step": self.progress.step, "total_steps": self.total_steps})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the previous checkpoint stays whole and resumable
+            raise
         target, previous = self.run_dir / CHECKPOINT_NAME, self.run_dir / f".{CHECKPOINT_NAME}.old"
         shutil.rmtree(previous, ignore_errors=True)
         if target.exists():
@@ -619,8 +628,13 @@ class TrainingRun:
         from safetensors.torch import save_file
 
         staging = self.run_dir / f".{BEST_NAME}.new"
-        save_file({name: parameter.detach().cpu().contiguous() for name, parameter in self.model.named_parameters()
-                   if parameter.requires_grad}, staging)
+        try:
+            with disk_space_errors(self.run_dir, "keep the best adapter so far"):
+                save_file({name: parameter.detach().cpu().contiguous()
+                           for name, parameter in self.model.named_parameters() if parameter.requires_grad}, staging)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
         os.replace(staging, self.run_dir / BEST_NAME)
         self.progress.best_eval = {"step": self.progress.step, "eval_loss": eval_loss}
 

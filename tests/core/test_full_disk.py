@@ -186,8 +186,6 @@ def test_converting_the_bundled_model_on_a_full_disk(small_disk, monkeypatch):
     assert free_bytes(small_disk) > 7 * MB
 
 
-@pytest.mark.xfail(strict=True, reason="the lead wraps TrainingRun.save_checkpoint in diskspace.disk_space_errors "
-                                       "and removes the unfinished .checkpoint.new; then remove this mark")
 def test_training_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk, tiny_base, chat_jsonl):
     """For app/core/training.py (the lead's): the second checkpoint meets a full disk. The run must stop with a
     DiskFullError naming the run folder, keep the first checkpoint resumable, and leave no half-written one."""
