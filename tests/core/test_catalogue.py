@@ -15,7 +15,7 @@ from app.core.catalogue import CATALOGUE, DEFAULT_KEY, ModelShape, find_entry
 PUBLISHED_MILLIONS = {
     "smollm2-135m": 134.5, "smollm2-360m": 361.8, "smollm2-1.7b": 1711.4,
     "qwen2.5-0.5b": 494.0, "qwen2.5-1.5b": 1543.7, "qwen2.5-3b": 3085.9, "qwen2.5-7b": 7615.6,
-    "llama3.2-1b": 1235.8, "llama3.2-3b": 3212.7, "mistral-7b": 7248.0, "gemma2-2b": 2614.3, "phi3.5-mini": 3821.1,
+    "llama3.2-1b": 1235.8, "llama3.2-3b": 3212.7, "mistral-7b": 7248.0, "llama3.1-8b": 8030.3, "gemma2-2b": 2614.3, "phi3.5-mini": 3821.1,
 }
 
 
@@ -34,8 +34,8 @@ def hf_config(shape: ModelShape):
 
 def test_every_model_of_the_catalogue_is_listed_once():
     keys = [entry.key for entry in CATALOGUE]
-    assert len(keys) == len(set(keys)) == 12
-    assert len({entry.hub_id for entry in CATALOGUE}) == 12
+    assert len(keys) == len(set(keys)) == 13
+    assert len({entry.hub_id for entry in CATALOGUE}) == 13
     assert set(keys) == set(PUBLISHED_MILLIONS)
 
 
