@@ -494,6 +494,7 @@ class TrainingRun:
                 "GPU. Your progress is kept: the last checkpoint resumes with --resume.") from error
         lost_steps = 0
         if self._in_optimizer_update:
+            self._in_optimizer_update = False
             checkpoint = _find_checkpoint(self.run_dir)
             recoveries = self.progress.recoveries
             self.restore(checkpoint)

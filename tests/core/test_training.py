@@ -355,3 +355,29 @@ def test_adalora_pause_and_resume_keep_the_budget_state(tiny_base, chat_jsonl, t
     expected, actual = _adapter_tensors(straight.adapter), _adapter_tensors(resumed.adapter)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_inside_the_optimizer_update_goes_back_to_the_last_checkpoint(tiny_base, chat_jsonl, tmp_path,
+                                                                                   monkeypatch):
+    """An update that failed half-way may have moved some weights, so the run resumes from its last checkpoint."""
+    import torch
+
+    from app.core.training import RecoveryEvent
+
+    real_step = torch.optim.AdamW.step
+    calls = []
+
+    def step_that_fails_once_at_the_sixth_update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_that_fails_once_at_the_sixth_update)
+    events = []
+    result = run_training(tiny_config(tiny_base, chat_jsonl, max_steps=8, checkpoint_every=4, batch_size=4),
+                          Library(tmp_path / "lib"), events.append)
+    recovery = next(e for e in events if isinstance(e, RecoveryEvent))
+    assert recovery.step == 6 and "went back 1 step(s) to the last checkpoint" in recovery.message
+    assert result.steps == 8 and [e["step"] for e in result.adapter.training_log()] == list(range(1, 9))
+    assert result.adapter.manifest["oom_recoveries"][0]["lost_steps"] == 1
