@@ -462,8 +462,9 @@ class ChatSession:
         def run() -> None:
             try:
                 with self._lock, torch.inference_mode():
-                    if settings.seed is not None:
-                        torch.manual_seed(settings.seed)
+                    # torch starts every process from the same fixed seed, so "no seed" must draw a fresh one, or
+                    # each `tailor chat --prompt` would give the same "random" reply.
+                    torch.manual_seed(settings.seed) if settings.seed is not None else torch.seed()
                     self.select(adapter)
                     self.model.generate(**options)
             except BaseException as exc:  # re-raised in the consumer's thread below

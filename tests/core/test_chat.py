@@ -174,6 +174,18 @@ def test_a_seed_makes_sampled_replies_repeatable_and_different_seeds_differ(sess
     assert replies[0] != replies[2]
 
 
+def test_without_a_seed_sampling_does_not_repeat_the_process_random_state(session):
+    """torch seeds every new process identically; unseeded replies must still differ from run to run."""
+    import torch
+
+    messages = session.prompt_messages(PROMPT, "You are terse.")
+    replies = []
+    for _ in range(2):
+        torch.manual_seed(0)  # what a fresh `tailor chat --prompt` process starts from
+        replies.append(session.reply(messages, "alpha", GenerationSettings(max_new_tokens=16)))
+    assert replies[0] != replies[1]
+
+
 def test_persona_recommended_settings_fill_in_and_bad_values_are_ignored():
     recorded = {"temperature": 0.3, "top_k": 20.0, "repetition_penalty": 99, "top_p": "high", "mystery": 1}
     settings = GenerationSettings(max_new_tokens=50).with_sampling(recorded)

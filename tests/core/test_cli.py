@@ -83,10 +83,10 @@ def test_train_chat_and_manage_with_the_real_bundled_model(tmp_path, smollm2_fol
 
     assert_loads_in_plain_peft_and_changes_logits(home / "adapters" / "pirate", smollm2_folder)
 
-    reply = tailor("chat", "--adapter", "pirate", "--prompt", "Hello!", "--max-new-tokens", "12", home=home)
+    greedy = ("chat", "--adapter", "pirate", "--prompt", "Hello!", "--max-new-tokens", "12", "--temperature", "0")
+    reply = tailor(*greedy, home=home)
     assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
-    again = tailor("chat", "--adapter", "pirate", "--prompt", "Hello!", "--max-new-tokens", "12", home=home)
-    assert again.stdout == reply.stdout, "greedy replies are repeatable"
+    assert tailor(*greedy, home=home).stdout == reply.stdout, "greedy replies are repeatable"
 
     listing = tailor("adapters", "list", home=home)
     assert "pirate" in listing.stdout and "ok" in listing.stdout
