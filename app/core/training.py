@@ -688,9 +688,12 @@ def interrupted_run_config(library: Library, name: str) -> RunConfig:
 def interrupted_run_progress(library: Library, name: str) -> tuple[int, int | None]:
     """(step reached, total steps) of an interrupted run's last checkpoint; (0, None) if killed before the first."""
     checkpoint = _find_checkpoint(library.run_dir(name))
-    if checkpoint is None or not (checkpoint / PROGRESS_NAME).is_file():
+    try:
+        progress = json.loads((checkpoint / PROGRESS_NAME).read_text()) if checkpoint else None
+    except (OSError, ValueError):  # a live run swapped its checkpoint in between: as good as none yet
+        progress = None
+    if not isinstance(progress, dict):
         return 0, None
-    progress = json.loads((checkpoint / PROGRESS_NAME).read_text())
     return int(progress["step"]), int(progress["total_steps"])
 
 

@@ -58,7 +58,8 @@ class InterruptedRunsBar(QFrame):
 
     def _row(self, name: str) -> QHBoxLayout:
         step, total = interrupted_run_progress(self.library, name)
-        where = f"at step {step} of {total}" if total else "before its first checkpoint (it restarts from the start)"
+        # Every run checkpoints step 0 (so out-of-memory recovery always has a place to go back to): nothing to lose.
+        where = f"at step {step} of {total}" if step else "before its first checkpoint (it restarts from the start)"
         text = QLabel(f"<b>“{name}” did not finish</b>: it stopped {where}.")
         resume = QPushButton("Resume")
         resume.clicked.connect(lambda: self.resume_requested.emit(name))

@@ -113,8 +113,10 @@ def test_closing_during_training_pauses_it_and_the_next_start_offers_to_resume(q
     assert library.interrupted_runs() == [] and not offer.isVisible()
 
 
-def train_in_a_process_then_kill_it(library, tiny_base, chat_jsonl, name: str, when_exists: str, **flags) -> None:
-    """Start `tailor train` in a child process and kill -9 it as soon as `when_exists` appears in its run folder."""
+def train_in_a_process_then_kill_it(library, tiny_base, chat_jsonl, name: str, when_exists: str,
+                                    past_step: int = -1, **flags) -> None:
+    """Start `tailor train` in a child process and kill -9 it as soon as `when_exists` appears in its run folder
+    (and, with past_step, once its last checkpoint is past that step)."""
     args = [sys.executable, "-m", "app.cli", "train", "--base", str(tiny_base), "--data", str(chat_jsonl),
             "--name", name, "--batch-size", "4", "--max-len", "128",
             *[f"--{key.replace('_', '-')}={value}" for key, value in flags.items()]]
@@ -123,7 +125,8 @@ def train_in_a_process_then_kill_it(library, tiny_base, chat_jsonl, name: str, w
     marker = library.run_dir(name) / when_exists
     deadline = time.monotonic() + 120
     try:
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        while ((not marker.exists() or interrupted_run_progress(library, name)[0] <= past_step)
+               and child.poll() is None and time.monotonic() < deadline):
             time.sleep(0.02)
         assert marker.exists(), f"the child ended (exit {child.poll()}) or stalled before writing {marker}"
     finally:
@@ -134,7 +137,7 @@ def train_in_a_process_then_kill_it(library, tiny_base, chat_jsonl, name: str, w
 def test_a_killed_run_is_offered_for_resuming_at_its_last_checkpoint(qtbot, open_window, library, tiny_base,
                                                                       chat_jsonl):
     train_in_a_process_then_kill_it(library, tiny_base, chat_jsonl, "crashed", "checkpoint/progress.json",
-                                    max_steps=20, checkpoint_every=2)
+                                    past_step=0, max_steps=20, checkpoint_every=2)
     step, total = interrupted_run_progress(library, "crashed")
     assert total == 20 and 2 <= step < 20
 
