@@ -13,6 +13,7 @@ Shaped like a torchtune recipe: `TrainingRun.setup` builds data, model, optimize
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from app import __version__
 from app.core.adalora import budget_state, orthogonal_penalty, restore_budget_state, save_as_lora
 from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
 from app.core.catalogue import ModelShape
-from app.core.estimate import quant_for_run
+from app.core.estimate import QuantChoice, quant_for_run
 from app.core.config import RunConfig
 from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
 from app.core.diskspace import disk_space_errors, require_free_space
@@ -318,7 +319,8 @@ class RunProgress:
 class TrainingRun:
     """One run's live state — model, optimizer, schedule, step plan, progress — and the steps that move it on."""
 
-    def __init__(self, config: RunConfig, library: Library, sink: Sink, resolved: ResolvedBase, data: RunData):
+    def __init__(self, config: RunConfig, library: Library, sink: Sink, resolved: ResolvedBase, data: RunData,
+                 quant: QuantChoice):
         import torch
         from transformers import get_scheduler
 
@@ -328,7 +330,7 @@ class TrainingRun:
         self.device = pick_device()
         self.precision = compute_dtype(self.device)
         torch.manual_seed(training.seed)
-        self.quant = quant_for_run(config, _model_shape(resolved, config.model.trust_remote_code), self.device)
+        self.quant = quant
         sink(StatusEvent(f"Loading the base model ({self.quant.reason}) on {self.device.upper()}…"))
         base = load_model(resolved.folder, self.quant.quant, self.device, config.model.trust_remote_code,
                           dtype=self.precision.dtype)
@@ -712,9 +714,14 @@ def setup(config: RunConfig, library: Library, sink: Sink, resume: bool) -> Trai
     resolved = resolve_base(config.model.base, progress=lambda message: sink(StatusEvent(message)))
     data = prepare_data(config, resolved, sink)
     checkpoint = _find_checkpoint(library.run_dir(config.name)) if resume else None
-    if not resume:
+    if resume:
+        quant = QuantChoice(config.model.quant, "as chosen when the run started")
+    else:
+        # 'auto' is decided once, from the memory free now, and recorded: a resumed run must train the same base.
+        quant = quant_for_run(config, _model_shape(resolved, config.model.trust_remote_code), pick_device())
+        config = config.replace(model=dataclasses.replace(config.model, quant=quant.quant))
         _claim_run_dir(config, library)
-    run = TrainingRun(config, library, sink, resolved, data)
+    run = TrainingRun(config, library, sink, resolved, data, quant)
     if checkpoint is not None:
         run.restore(checkpoint)
     else:

@@ -381,3 +381,20 @@ def test_out_of_memory_inside_the_optimizer_update_goes_back_to_the_last_checkpo
     assert recovery.step == 6 and "went back 1 step(s) to the last checkpoint" in recovery.message
     assert result.steps == 8 and [e["step"] for e in result.adapter.training_log()] == list(range(1, 9))
     assert result.adapter.manifest["oom_recoveries"][0]["lost_steps"] == 1
+
+
+def test_auto_quant_is_decided_once_and_recorded_so_a_resumed_run_trains_the_same_base(tiny_base, chat_jsonl,
+                                                                                        tmp_path):
+    import dataclasses
+
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=4)
+    config = config.replace(model=dataclasses.replace(config.model, quant="auto"))
+    library = Library(tmp_path / "lib")
+    control = TrainingControl()
+    run_training(config, library, lambda e: isinstance(e, StepEvent) and control.request_pause(), control)
+    from app.core.training import interrupted_run_config
+
+    assert interrupted_run_config(library, "tiny").model.quant == "none", "the tiny model fits in 16 bits"
+    resumed = run_training(config, library, resume=True)
+    assert resumed.adapter.manifest["quant"] == "none"
+    assert resumed.adapter.manifest["config"]["model"]["quant"] == "none"
