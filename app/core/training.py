@@ -356,10 +356,8 @@ class TrainingRun:
 
     def train_step(self) -> dict:
         """One optimizer step over the plan's examples for it, in micro-batches; returns its log entry."""
-        import torch
-
         indices = self.plan.examples_for(self.progress.step)
-        micro = split_micro_batches(indices, self.data.lengths, self.progress.micro_batch_size)
+        micro = split_micro_batches(indices, self.plan.lengths, self.progress.micro_batch_size)
         batches = [collate([self.data.train[i] for i in chunk], self.data.tokenizer.pad_token_id,
                            self.config.data.packing) for chunk in micro]
         step_tokens = sum(trained_tokens(batch) for batch in batches)
@@ -379,7 +377,7 @@ class TrainingRun:
         self.progress.step += 1
         entry = {"step": self.progress.step, "epoch": self.plan.epoch_of(self.progress.step - 1) + 1,
                  "loss": loss_total / step_tokens, "lr": learning_rate, "examples": len(indices), "tokens": step_tokens,
-                 "real_tokens": sum(self.data.lengths[i] for i in indices)}
+                 "real_tokens": sum(self.plan.lengths[i] for i in indices)}
         self.progress.history.append(entry)
         return entry
 
