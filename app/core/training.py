@@ -769,7 +769,7 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
         sink(PausedEvent(run.progress.step, str(saved)))
         return TrainingResult(None, run.progress.step, run.total_steps, final_loss, paused=True, stopped_early=False)
 
-    if run.data.heldout and "eval_loss" not in history[-1]:
+    if run.data.heldout and history and "eval_loss" not in history[-1]:
         run.evaluate()  # a stopped run is still judged by its held-out loss before the best one is chosen
     sink(StatusEvent("Saving the adapter…"))
     entry = run.publish()

@@ -398,3 +398,14 @@ def test_auto_quant_is_decided_once_and_recorded_so_a_resumed_run_trains_the_sam
     resumed = run_training(config, library, resume=True)
     assert resumed.adapter.manifest["quant"] == "none"
     assert resumed.adapter.manifest["config"]["model"]["quant"] == "none"
+
+
+def test_a_run_stopped_before_its_first_step_still_publishes(tiny_base, chat_jsonl, tmp_path):
+    import dataclasses
+
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=4)
+    config = config.replace(data=dataclasses.replace(config.data, eval_split=0.25))
+    control = TrainingControl()
+    control.request_stop()
+    result = run_training(config, Library(tmp_path / "lib"), control=control)
+    assert result.stopped_early and result.steps == 0 and result.adapter.training_log() == []
