@@ -180,7 +180,7 @@ class TrainingPanel(QWidget):
         self.chart = LossChart()
         self.samples = QTextBrowser()
         self.samples.setObjectName("sampleReplies")
-        self.samples.setMaximumHeight(150)
+        self.samples.setMaximumHeight(110)
         self.samples.setToolTip("<p>At each evaluation the persona answers a few questions it never trained on, so "
                                 "you can watch it take shape.</p>")
 
