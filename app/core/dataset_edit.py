@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Iterable, Sequence
 
 from app.core.data import Messages, with_system_prompt
 from app.core.errors import DatasetError
+from app.core.library import write_text_atomic
 
 SAMPLES = Path(__file__).resolve().parents[2] / "resources" / "datasets"
 NEAR_DUPLICATE_SIMILARITY = 0.8
@@ -186,16 +185,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         raise DatasetError(f"{path} is a folder.", hint="Choose a file name ending in .jsonl.")
     if not path.parent.is_dir():
         raise DatasetError(f"The folder {path.parent} does not exist.", hint="Choose an existing folder.")
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
     return path
 
 

@@ -127,20 +127,24 @@ class AdapterEntry:
         return json.loads(log.read_text()) if log.is_file() else []
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder and rename it over the target: readers see old or new, never half."""
     with disk_space_errors(path.parent, f"write {path.name}"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(value, stream, indent=2, sort_keys=True)
+            with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
+                stream.write(text)
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def human_size(num_bytes: int) -> str:
