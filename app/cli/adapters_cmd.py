@@ -1,4 +1,4 @@
-"""`tailor adapters list|show|add|rename|delete|empty-trash`: manage the library."""
+"""`tailor adapters list|show|add|rename|delete|empty-trash|set-sampling`: manage the library."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def register(subparsers, common) -> None:
     delete.add_argument("name")
     delete.set_defaults(handler=delete_adapter)
     actions.add_parser("empty-trash", parents=[common], help="permanently remove trashed adapters").set_defaults(handler=empty_trash)
+    sampling = actions.add_parser("set-sampling", parents=[common],
+                                  help="save the chat settings a persona recommends (chat, serve and exports use them)")
+    sampling.add_argument("name")
+    from app.cli.chat_cmd import add_sampling_options
+
+    add_sampling_options(sampling, "(default: leave as it is)")
+    sampling.add_argument("--clear", action="store_true", help="remove the persona's settings: Tailor's defaults apply")
+    sampling.set_defaults(handler=set_sampling)
 
 
 def list_adapters(args) -> int:
@@ -62,6 +70,8 @@ def show_adapter(args) -> int:
     if entry.problem:
         console.print(f"[red]Damaged: {entry.problem}[/]")
     console.print_json(json.dumps(entry.manifest or {"note": "no Tailor manifest (adapter made elsewhere)"}))
+    if not entry.problem:
+        console.print(f"Recommended chat settings: {describe_sampling(entry)}", highlight=False, soft_wrap=True)
     if not entry.problem:
         from app.cli.share_cmd import print_vllm_readiness
 
@@ -101,4 +111,30 @@ def empty_trash(args) -> int:
     from app.cli.common import console, open_library
 
     console.print(f"Removed {open_library(args).empty_trash()} item(s) from the trash.")
+    return 0
+
+
+def describe_sampling(entry) -> str:
+    from app.core.chat import GenerationSettings
+
+    if entry.sampling is None:
+        return "none saved, so Tailor's defaults (tailor adapters set-sampling saves some)"
+    settings = GenerationSettings().with_sampling(entry.sampling).sampling()
+    return ", ".join(f"{key.replace('_', ' ')} {settings[key]:g}" + ("" if key in entry.sampling else " (default)")
+                     for key in settings)
+
+
+def set_sampling(args) -> int:
+    from app.cli.chat_cmd import SAMPLING_FLAGS
+    from app.cli.common import console, open_library
+    from app.core.chat import recommend_sampling
+    from app.core.errors import TailorError
+
+    given = {field: getattr(args, flag) for flag, field in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+    if args.clear == bool(given):
+        raise TailorError("Give the settings to save (--temperature, --top-p, --top-k, --repetition-penalty) "
+                          "or --clear, not both." if given else "Nothing to save: no setting was given.",
+                          f"For example: tailor adapters set-sampling {args.name} --temperature 0.5 --top-k 20")
+    entry = recommend_sampling(open_library(args), args.name, None if args.clear else given)
+    console.print(f"'{entry.name}' now recommends: {describe_sampling(entry)}.", highlight=False, soft_wrap=True)
     return 0

@@ -36,17 +36,26 @@ def register(subparsers, common) -> None:
 def add_generation_options(parser, default_seed: int | None) -> None:
     defaults = GenerationSettings()
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    add_sampling_options(parser)
+    parser.add_argument("--seed", type=int, default=default_seed, help="fix the sampling for repeatable replies")
+
+
+def add_sampling_options(parser, default: str | None = None) -> None:
+    """The flags of SAMPLING_FLAGS; each is None unless given. `default` says what an absent flag means."""
+    defaults = GenerationSettings()
+
+    def otherwise(value) -> str:
+        return default or f"(default: the persona's recommended setting, else {value:g})"
+
     parser.add_argument("--temperature", type=float,
-                        help=f"randomness of the reply; 0 is greedy, the same reply every time (default: the "
-                             f"persona's recommended setting, else {defaults.temperature:g})")
-    parser.add_argument("--top-p", type=float, help=f"sample among the likeliest tokens adding up to this probability "
-                                                     f"(default: the persona's, else {defaults.top_p:g})")
-    parser.add_argument("--top-k", type=int, help=f"sample among this many likeliest tokens, 0 for no limit "
-                                                   f"(default: the persona's, else {defaults.top_k})")
+                        help=f"randomness of the reply; 0 is greedy, the same reply every time {otherwise(defaults.temperature)}")
+    parser.add_argument("--top-p", type=float,
+                        help=f"sample among the likeliest tokens adding up to this probability {otherwise(defaults.top_p)}")
+    parser.add_argument("--top-k", type=int,
+                        help=f"sample among this many likeliest tokens, 0 for no limit {otherwise(defaults.top_k)}")
     parser.add_argument("--repetition-penalty", type=float,
                         help=f"discourage tokens used in the last {defaults.repetition_window}, 1 for off "
-                             f"(default: the persona's, else {defaults.repetition_penalty:g})")
-    parser.add_argument("--seed", type=int, default=default_seed, help="fix the sampling for repeatable replies")
+                             f"{otherwise(defaults.repetition_penalty)}")
 
 
 def add_base_options(parser) -> None:

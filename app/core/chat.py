@@ -23,7 +23,7 @@ from typing import Any, Iterator, Protocol
 
 from app.core.data import with_system_prompt
 from app.core.errors import AdapterError, TailorError
-from app.core.library import AdapterEntry, BaseProfile, adapter_fit
+from app.core.library import AdapterEntry, BaseProfile, Library, adapter_fit
 from app.core.mixing import MixSpec, combine, mix_problem
 from app.core.models import Progress, ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
 from app.core.templates import place_system_prompt, render
@@ -108,6 +108,30 @@ class GenerationSettings:
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 """GenerationSettings fields a persona's manifest may recommend under "sampling"."""
+
+
+def recommend_sampling(library: Library, name: str, changes: dict[str, float | int] | None) -> AdapterEntry:
+    """Save decoding settings as the ones the persona recommends (its manifest's "sampling", which chat, serve,
+    the report card, bundles and the Ollama export read), over what it recommends already; None removes the
+    recommendation, so Tailor's defaults apply again.
+
+    Values are checked as GenerationSettings checks a flag (a TailorError names the one out of range), so a saved
+    setting always applies. Read, merge and write happen under the library's lock: two writers never lose each
+    other's change, and a reader sees the old manifest or the new one.
+    """
+    unknown = sorted(set(changes or {}) - set(SAMPLING_KEYS))
+    if unknown:
+        raise TailorError(f"'{unknown[0]}' is not a decoding setting a persona can recommend.",
+                          f"These are: {', '.join(SAMPLING_KEYS)}.")
+    with library.lock():
+        entry = library.get_usable(name)
+        if changes is None:
+            return library.update_manifest(name, {"sampling": None})
+        # What it recommends already, as chat reads it (a value chat ignores is not kept).
+        current = GenerationSettings().with_sampling(entry.sampling).sampling()
+        sampling = {key: current[key] for key in SAMPLING_KEYS if key in (entry.sampling or {})} | changes
+        GenerationSettings(**sampling)
+        return library.update_manifest(name, {"sampling": sampling})
 
 
 def _logits_processors(settings: GenerationSettings) -> list:

@@ -503,10 +503,13 @@ class Library:
         return self._entry(target)
 
     def update_manifest(self, name: str, changes: dict[str, Any]) -> AdapterEntry:
-        """Merge `changes` into the adapter's manifest (one atomic write) and return the updated entry."""
+        """Merge `changes` into the adapter's manifest (one atomic write) and return the updated entry; a change to
+        None removes that key."""
         with self.lock():
             entry = self.get_usable(name)
-            write_json_atomic(entry.path / MANIFEST_NAME, {**(entry.manifest or {}), **changes})
+            merged = {**(entry.manifest or {}), **changes}
+            write_json_atomic(entry.path / MANIFEST_NAME,
+                              {key: value for key, value in merged.items() if key not in changes or value is not None})
         return self._entry(entry.path)
 
     def delete(self, name: str) -> Path:
