@@ -25,7 +25,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.core.chat import BASE, BASE_LABEL, CHAT_PRECISIONS, ChatSession, GenerationSettings, save_conversation
+from app.core.chat import (
+    BASE, BASE_LABEL, CHAT_PRECISIONS, ChatSession, GenerationSettings, recommend_sampling, save_conversation,
+)
 from app.core.errors import TailorError
 from app.core.library import Library
 from app.core.mixing import MixSpec
@@ -35,6 +37,7 @@ from app.gui.mixer import PersonaMixer
 from app.gui.serve_panel import ServePanel
 from app.gui.style import ACCENT, BAD, MUTED
 from app.gui.wizard.base import Banner
+from app.gui.workers import Job, run_function
 
 CHOICE_ROLE = Qt.ItemDataRole.UserRole
 PERSONA_COLOUR = "#7b3fa0"
@@ -200,6 +203,11 @@ class ChatPane(QWidget):
         self.reset_sampling = QPushButton("Reset")
         self.reset_sampling.setToolTip("Back to the persona's recommended settings.")
         self.reset_sampling.clicked.connect(self._reset_sampling)
+        self.save_sampling = QPushButton("Save as defaults")
+        self.save_sampling.setToolTip("Save as this persona's defaults: written into its manifest, so chat starts "
+                                      "from them next time, and serve, bundles and the Ollama export use them.")
+        self.save_sampling.clicked.connect(self._save_sampling)
+        self._sampling_save: Job | None = None
 
         model_row, sampling_row = QHBoxLayout(), QHBoxLayout()
         for row, pairs in ((model_row, (("Base", self.base_combo), ("Precision", self.quant_combo))),
@@ -214,6 +222,7 @@ class ChatPane(QWidget):
         model_row.addWidget(self.precision_note, 1)
         sampling_row.addWidget(self.sampling_note, 1)
         sampling_row.addWidget(self.reset_sampling)
+        sampling_row.addWidget(self.save_sampling)
         rows = QVBoxLayout()
         rows.addLayout(model_row)
         rows.addLayout(sampling_row)
@@ -534,12 +543,24 @@ class ChatPane(QWidget):
         for choice in choices:
             box = QGroupBox(self.personas[choice].label)
             browser = QTextBrowser()
-            QVBoxLayout(box).addWidget(browser)
+            box_layout = QVBoxLayout(box)
+            box_layout.addWidget(browser)
+            if self._is_library_persona(self.personas[choice]):
+                box_layout.addWidget(self._report_card_button(choice), 0, Qt.AlignmentFlag.AlignRight)
             self.columns_layout.addWidget(box, 1)
             column = Pending(choice, Turn("assistant", "", STREAMING), browser)
             self.compare_columns.append(column)
             self._submit(column, self._messages(choice, [{"role": "user", "content": prompt}]), settings)
             self._render_column(column)
+
+    def _report_card_button(self, name: str) -> QPushButton:
+        """Opens the same report card the library and the mixer show: the saved one, or Evaluate to make one."""
+        from app.gui.report_card import open_report_card
+
+        button = QPushButton("Report card")
+        button.setToolTip(f"'{name}' against its base: style, loops, on topic and knowledge.")
+        button.clicked.connect(lambda: open_report_card(self.library, name))
+        return button
 
     def _clear_columns(self) -> None:
         while self.columns_layout.count():
@@ -752,11 +773,17 @@ class ChatPane(QWidget):
         source = (f"the settings '{html.escape(persona.label)}' recommends" if persona.recommended_by_persona
                   else "Tailor's default settings")
         changed = persona.sampling != persona.recommended
-        self.sampling_note.setText(f"<b style='color:{ACCENT}'>Changed</b> from {source}." if changed
+        # Short when changed: beside Reset and Save as defaults it must fit a narrow window; the tooltip says more.
+        self.sampling_note.setText(f"<b style='color:{ACCENT}'>Changed</b> by you." if changed
                                    else source[0].upper() + source[1:] + ".")
-        self.sampling_note.setToolTip("Recommended: " + ", ".join(f"{key.replace('_', ' ')} {value:g}"
-                                                                  for key, value in persona.recommended.items()))
+        self.sampling_note.setToolTip((f"Changed from {source}. " if changed else "") + "Recommended: " + ", ".join(
+            f"{key.replace('_', ' ')} {value:g}" for key, value in persona.recommended.items()))
         self.reset_sampling.setEnabled(changed)
+        self.save_sampling.setEnabled(changed and self._is_library_persona(persona) and self._sampling_save is None)
+
+    def _is_library_persona(self, persona: Persona) -> bool:
+        """Saved in the library (not the bare base, nor a mix still in preview): it has a manifest to write to."""
+        return persona is not self.personas[BASE] and not persona.is_preview
 
     @Slot()
     def _sampling_edited(self) -> None:
@@ -769,6 +796,34 @@ class ChatPane(QWidget):
         persona = self.personas[self.current_choice()]
         persona.sampling = dict(persona.recommended)
         self._show_sampling(persona)
+
+    @Slot()
+    def _save_sampling(self) -> None:
+        """Write the current controls into the persona's manifest, on a worker: the library's lock may be held by a
+        training that is publishing, for seconds."""
+        choice = self.current_choice()
+        persona = self.personas[choice]
+        if not self._is_library_persona(persona) or self._sampling_save is not None:
+            return
+        sampling = dict(persona.sampling)
+        self._sampling_save = run_function(lambda report: recommend_sampling(self.library, choice, sampling))
+        self._sampling_save.succeeded.connect(lambda entry: self._sampling_saved(choice, entry))
+        self._sampling_save.failed.connect(lambda failure: self.banner.show_message(failure.message, failure.hint))
+        self._sampling_save.finished.connect(self._sampling_save_ended)
+        self.save_sampling.setEnabled(False)
+
+    def _sampling_saved(self, choice: str, entry) -> None:
+        persona = self.personas.get(choice)
+        if persona is None:
+            return
+        persona.recommended = GenerationSettings().with_sampling(entry.sampling).sampling()
+        persona.recommended_by_persona = True
+        self.banner.show_message(f"Saved these settings as the ones '{choice}' recommends.", tone="success")
+
+    @Slot()
+    def _sampling_save_ended(self) -> None:
+        self._sampling_save = None
+        self._show_sampling(self.personas[self.current_choice()])
 
     @Slot()
     def _system_prompt_edited(self) -> None:

@@ -212,3 +212,76 @@ def test_a_conversation_longer_than_the_context_shows_a_note_and_still_answers(q
     reply = persona.turns[-1]
     assert reply.state == DONE and "longer than the model can read at once (1024 tokens)" in reply.note
     assert "the system prompt is kept" in pane.transcript.toPlainText()
+
+
+def test_save_as_the_personas_defaults_writes_the_manifest_and_a_reopened_persona_starts_from_it(
+        qtbot, pane, personas, tiny_base, tmp_path):
+    pane.open_persona("alpha")
+    assert not pane.save_sampling.isEnabled(), "nothing changed yet, nothing to save"
+    pane.temperature.setValue(0.35)
+    pane.top_k.setValue(12)
+    assert "Changed" in pane.sampling_note.text() and pane.save_sampling.isEnabled()
+    pane.grab().save(str(tmp_path / "sampling-save.png"))
+    qtbot.mouseClick(pane.save_sampling, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: pane._sampling_save is None, timeout=10_000)
+
+    manifest = json.loads((personas.get("alpha").path / MANIFEST_NAME).read_text())
+    assert manifest["sampling"] == {"temperature": 0.35, "top_p": 0.9, "top_k": 12, "repetition_penalty": 1.1}
+    assert manifest["system_prompt"] == "You are terse.", "the rest of the manifest is kept"
+    assert pane.sampling_note.text() == "The settings 'alpha' recommends."
+    assert not pane.save_sampling.isEnabled() and not pane.reset_sampling.isEnabled()
+    pane.temperature.setValue(1.0)
+    qtbot.mouseClick(pane.reset_sampling, Qt.MouseButton.LeftButton)
+    assert pane.temperature.value() == 0.35, "Reset now goes back to the saved settings"
+
+    pane.select_persona(BASE)
+    assert not pane.save_sampling.isEnabled(), "the bare base has no manifest to write"
+    pane.temperature.setValue(0.2)
+    assert not pane.save_sampling.isEnabled()
+
+    reopened = ChatPane(personas)  # the persona opened afresh, as in the next session of the app
+    qtbot.addWidget(reopened)
+    reopened.base_combo.setCurrentText(str(tiny_base))
+    try:
+        reopened.open_persona("alpha")
+        assert (reopened.temperature.value(), reopened.top_k.value()) == (0.35, 12)
+        assert "Changed" not in reopened.sampling_note.text() and not reopened.reset_sampling.isEnabled()
+        assert reopened.settings().temperature == 0.35
+    finally:
+        reopened.shutdown()
+
+
+def test_a_failed_save_says_why_and_keeps_the_users_settings(qtbot, pane, personas):
+    pane.open_persona("beta")
+    pane.temperature.setValue(0.4)
+    personas.delete("beta")  # another window or command removed it meanwhile
+    qtbot.mouseClick(pane.save_sampling, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: pane._sampling_save is None, timeout=10_000)
+    assert "No adapter named 'beta'" in pane.banner.plain_text
+    assert pane.temperature.value() == 0.4 and "Changed" in pane.sampling_note.text()
+
+
+def test_compare_columns_of_library_personas_open_their_report_card(qtbot, pane, tmp_path):
+    from app.gui.report_card import _open_views, close_report_cards
+
+    pane.tabs.setCurrentIndex(1)
+    for slot, choice in enumerate([BASE, "alpha"]):
+        combo = pane.compare_choices[slot]
+        combo.setCurrentIndex(combo.findData(choice))
+    pane.compare_prompt.setText("What is the sea?")
+    qtbot.mouseClick(pane.compare_button, Qt.MouseButton.LeftButton)
+    wait_for_replies(qtbot, pane)
+    boxes = [pane.columns_layout.itemAt(index).widget() for index in range(pane.columns_layout.count())]
+    buttons = [box.findChildren(type(pane.compare_button)) for box in boxes]
+    assert buttons[0] == [], "the bare base has no card of its own"
+    (card_button,) = buttons[1]
+    assert card_button.text() == "Report card" and card_button.isVisible()
+    pane.grab().save(str(tmp_path / "compare-card.png"))
+    try:
+        qtbot.mouseClick(card_button, Qt.MouseButton.LeftButton)
+        view = _open_views[(str(pane.library.root), "alpha")]
+        assert view.isVisible() and view.name == "alpha"
+        assert view.empty_label.isVisible() and view.evaluate_button.text() == "Evaluate", \
+            "no card saved yet: the window offers to evaluate rather than starting on its own"
+    finally:
+        close_report_cards()
