@@ -18,8 +18,8 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QKeySequence, QUndoCommand, QUndoStack
 from PySide6.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-    QHBoxLayout, QHeaderView, QLabel, QPlainTextEdit, QPushButton, QSplitter, QStyledItemDelegate, QTableView,
-    QVBoxLayout, QWidget,
+    QHBoxLayout, QHeaderView, QLabel, QMessageBox, QPlainTextEdit, QPushButton, QSplitter, QStyledItemDelegate,
+    QTableView, QVBoxLayout, QWidget,
 )
 
 from app.core.converters import DEFAULT_GAP_HOURS, SOURCES, guess_source, speakers_in
@@ -705,20 +705,39 @@ class DatasetEditor(QWidget):
     # Saving
 
     def _save_as(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the dataset as", settings.last_folder(), JSONL_FILTER)
+        path = self.choose_save_path()
         if path:
-            if not path.endswith(".jsonl"):
-                path += ".jsonl"
-            settings.remember_folder_of(path)
             self.save_to(path)
 
-    def save_to(self, path: str) -> None:
+    def choose_save_path(self) -> str | None:
+        """Ask where to save (a .jsonl); None when the user cancels."""
+        path, _ = QFileDialog.getSaveFileName(self, "Save the dataset as", settings.last_folder(), JSONL_FILTER)
+        if not path:
+            return None
+        if not path.endswith(".jsonl"):
+            path += ".jsonl"
+        settings.remember_folder_of(path)
+        return path
+
+    def save_to(self, path: str) -> Job:
         """Write the rows as they are now, on a worker thread (atomically: a failure leaves any old file whole)."""
         conversations = self.model.conversations()
         self._save_job = run_function(lambda report: str(save_chat_jsonl(path, conversations)))
         self._save_job.succeeded.connect(self._saved)
         self._save_job.failed.connect(self.failed)
         self._save_job.finished.connect(lambda: setattr(self, "_save_job", None))
+        return self._save_job
+
+    def ask_about_unsaved_edits(self, change: str) -> QMessageBox.StandardButton:
+        """Save, Discard or Cancel, as a text editor asks before `change` ('Opening chats.csv') replaces the edits."""
+        buttons = QMessageBox.StandardButton
+        box = QMessageBox(QMessageBox.Icon.Question, "Unsaved changes", "Save your changes to the examples first?",
+                          buttons.Save | buttons.Discard | buttons.Cancel, self)
+        box.setInformativeText(f"The {len(self.model.rows):,} examples here have changes that are not in any file "
+                               f"yet. {change} would replace them.")
+        box.button(buttons.Save).setText("Save as…")  # it asks for a file: the original stays as it was
+        box.setDefaultButton(buttons.Save)
+        return buttons(box.exec())
 
     def _saved(self, path: str) -> None:
         self.dirty = False

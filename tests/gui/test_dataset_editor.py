@@ -258,3 +258,80 @@ def test_convert_dialog_guesses_the_kind_and_offers_who_speaks(qtbot):
     dialog.choose(str(EXPORTS / "telegram_truncated.json"))
     qtbot.waitUntil(lambda: "cut off" in dialog.status.text(), timeout=LOAD_TIMEOUT_MS)
     qtbot.waitUntil(lambda: dialog._job is None, timeout=LOAD_TIMEOUT_MS)
+
+
+# Unsaved edits and another file or format: Save / Discard / Cancel, as a text editor asks.
+
+def test_unsaved_edits_are_kept_saved_or_dropped_as_the_user_answers_before_another_file_or_format(
+        qtbot, open_window, tiny_base, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    window = open_window()
+    window.resize(1280, 800)
+    wizard = window.wizard
+    choose_tiny_model(qtbot, wizard, tiny_base)
+    page, editor, model = wizard.data_page, wizard.data_page.editor, wizard.data_page.editor.model
+    qtbot.waitUntil(lambda: wizard.context.dataset is not None and not editor.is_busy, timeout=LOAD_TIMEOUT_MS)
+    sample, loaded = page.path_field.text(), wizard.context.dataset
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"messages": chat(f"Question {i}", f"Answer {i}")}) + "\n" for i in range(3)))
+    fixed = "Arr, a reply I fixed by hand."
+    model.setData(model.index(0, ASSISTANT), fixed)
+    assert editor.dirty
+
+    asked: list[str] = []
+
+    def answer(button, save_to: str = ""):
+        def exec_(box):
+            if not asked:  # the real dialog, as the user sees it
+                box.show()
+                box.grab().save(str(tmp_path / "unsaved-edits.png"))
+                box.hide()
+            asked.append(box.informativeText())
+            return button
+        monkeypatch.setattr(QMessageBox, "exec", exec_)
+        monkeypatch.setattr("app.gui.dataset_editor.QFileDialog.getSaveFileName", lambda *a, **k: (save_to, ""))
+
+    def still_editing() -> None:
+        assert model.rows[0].messages[1]["content"] == fixed and editor.dirty and not page.is_busy
+        assert wizard.context.dataset is loaded, "nothing was read"
+        assert page.path_field.text() == sample and page.format() == "auto", "the previous choice is back"
+
+    answer(QMessageBox.StandardButton.Cancel)
+    page.format_combo.setCurrentIndex(page.format_combo.findData("alpaca"))
+    assert asked == [f"The {len(model.rows):,} examples here have changes that are not in any file yet. Reading the "
+                     "file as Alpaca (instruction / output) would replace them."]
+    still_editing()
+    page.set_path(str(other))
+    assert "Opening other.jsonl would replace them." in asked[-1]
+    still_editing()
+    page.convert(str(EXPORTS / "whatsapp_android_us.txt"), "whatsapp", "Sam", 6.0, True)
+    assert "Converting whatsapp_android_us.txt would replace them." in asked[-1]
+    still_editing()
+    answer(QMessageBox.StandardButton.Save, save_to="")  # Save, then no file chosen: as Cancel
+    page.set_path(str(other))
+    assert len(asked) == 4
+    still_editing()
+
+    saved = tmp_path / "fixed.jsonl"
+    answer(QMessageBox.StandardButton.Save, save_to=str(saved))
+    page.set_path(str(other))
+    qtbot.waitUntil(lambda: wizard.context.dataset is not None and wizard.context.dataset.path == str(other)
+                    and not page.is_busy, timeout=LOAD_TIMEOUT_MS)
+    assert fixed in saved.read_text(encoding="utf-8") and len(load_dataset_file(saved).conversations) == len(loaded.loaded.conversations)
+    assert page.path_field.text() == str(other) and [row.messages for row in model.rows] == \
+        [chat(f"Question {i}", f"Answer {i}") for i in range(3)], "saved first, then the file the user chose"
+    assert not editor.dirty and f"Saved {len(loaded.loaded.conversations):,} examples to {saved}" in page.banner.plain_text
+
+    model.setData(model.index(0, ASSISTANT), "A change to throw away.")
+    answer(QMessageBox.StandardButton.Discard)
+    page.format_combo.setCurrentIndex(page.format_combo.findData("openai"))
+    qtbot.waitUntil(lambda: wizard.context.dataset is not None and wizard.context.dataset.format == "openai"
+                    and not page.is_busy, timeout=LOAD_TIMEOUT_MS)
+    assert model.rows[0].messages == chat("Question 0", "Answer 0") and not editor.dirty
+    assert other.read_text().count("Answer") == 3, "discarding never touches a file"
+    asked_before = len(asked)
+    page.set_path(sample)  # nothing unsaved now: no question
+    qtbot.waitUntil(lambda: wizard.context.dataset is not None and wizard.context.dataset.path == sample
+                    and not page.is_busy, timeout=LOAD_TIMEOUT_MS)
+    assert len(asked) == asked_before

@@ -10,7 +10,8 @@ from typing import Callable
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QDialog, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QMenu,
-    QPushButton, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout, QWidget,
+    QMessageBox, QPushButton, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout,
+    QWidget,
 )
 
 from app.core.config import DATA_FORMATS, DataSettings
@@ -164,7 +165,7 @@ class DataPage(WizardPage):
         layout.addWidget(panes, 1)
 
         self.path_field.edit.editingFinished.connect(self._path_changed)
-        self.format_combo.currentIndexChanged.connect(self._inputs_changed)
+        self.format_combo.currentIndexChanged.connect(self._format_changed)
         self.prompt_column.activated.connect(self._columns_chosen)
         self.response_column.activated.connect(self._columns_chosen)
         self.convert_button.clicked.connect(self._ask_convert)
@@ -174,6 +175,11 @@ class DataPage(WizardPage):
         self.editor.failed.connect(self.show_failure)
         self._columns_overridden = False
         self._converted_from: str | None = None
+        self._shown: tuple | None = None
+        """The file, format and columns the editor's rows came from (what Cancel on unsaved edits puts back)."""
+        self._after_save: Callable[[], None] | None = None
+        """What the user chose before saving their edits (another file, a format): done once the save is written."""
+        self._asking = False
         default = sample_datasets()
         if default:
             self.path_field.edit.setText(str(default[0]))
@@ -185,6 +191,9 @@ class DataPage(WizardPage):
         self._path_changed()
 
     def _path_changed(self) -> None:
+        if self._replaces_edits() and not self._edits_may_go(f"Opening {Path(self.path_field.text()).name}",
+                                                              self._path_changed):
+            return
         loaded = self.context.dataset
         if loaded is None or loaded.path != self.path_field.text():
             self._set_column_choices([])  # another file's columns mean nothing here
@@ -204,7 +213,69 @@ class DataPage(WizardPage):
 
     def _columns_chosen(self) -> None:
         self._columns_overridden = True
+        if self._replaces_edits() and not self._edits_may_go("Reading other columns", self._inputs_changed):
+            return
         self._inputs_changed()
+
+    def _format_changed(self) -> None:
+        if self._replaces_edits() and not self._edits_may_go(
+                f"Reading the file as {FORMAT_NAMES[self.format()]}", self._inputs_changed):
+            return
+        self._inputs_changed()
+
+    # Unsaved edits
+
+    def _replaces_edits(self) -> bool:
+        """Whether reading the file, format and columns chosen now would replace rows edited and not saved."""
+        return self.editor.dirty and bool(self.path_field.text()) and self._request()[:4] != self._shown
+
+    def _edits_may_go(self, change: str, proceed: Callable[[], None]) -> bool:
+        """Before `change` replaces unsaved edits: Save, Discard or Cancel. True: go ahead now. False: not now;
+        Cancel (or no file chosen to save to, or a save that fails) puts back what the rows came from, and Save
+        does `proceed` once the file is written."""
+        if not self.editor.dirty:
+            return True
+        if self._after_save is not None:  # saving already: the latest choice follows when it is written
+            self._after_save = proceed
+            return False
+        if self._asking:  # the question took the focus from the path field, which may say it was edited again
+            return False
+        buttons = QMessageBox.StandardButton
+        self._asking = True
+        try:
+            answer = self.editor.ask_about_unsaved_edits(change)
+        finally:
+            self._asking = False
+        if answer == buttons.Discard:
+            self.editor.dirty = False
+            return True
+        path = self.editor.choose_save_path() if answer == buttons.Save else None
+        if path:
+            self._after_save = proceed
+            self.editor.save_to(path).failed.connect(self._save_before_change_failed)
+        else:
+            self._restore_shown()
+        return False
+
+    def _save_before_change_failed(self, failure) -> None:
+        self._after_save = None
+        self._restore_shown()  # the edits are still only here: show where they came from, not the new choice
+
+    def _restore_shown(self) -> None:
+        """The file, format and columns the editor's rows came from, back in their fields, without reading anything."""
+        if self._shown is None:
+            return
+        path, format, prompt_column, response_column = self._shown
+        self.path_field.edit.setText(path)
+        self.format_combo.blockSignals(True)
+        self.set_format(format)
+        self.format_combo.blockSignals(False)
+        info = self.context.dataset
+        if info is not None and info.report.format == "prompt_response":
+            self._columns_overridden = prompt_column is not None
+            for combo, column in zip((self.prompt_column, self.response_column),
+                                     (prompt_column, response_column) if prompt_column else columns_used(info)):
+                combo.setCurrentText(column)
 
     def _request(self) -> tuple:
         """Everything the loaded dataset depends on; a result for other inputs is stale."""
@@ -287,6 +358,7 @@ class DataPage(WizardPage):
         self.detected.setText(f"detected: {FORMAT_NAMES[report.format]}" if info.format == "auto" else "")
         self._show_columns(info)
         self._converted_from = None
+        self._shown = (info.path, info.format, info.prompt_column, info.response_column)
         if report.format != "text":
             self.rows_stack.setCurrentWidget(self.editor)
             self.editor.set_examples(info.loaded.conversations, report.token_lengths, self._max_len(), info.tokenizer,
@@ -392,9 +464,15 @@ class DataPage(WizardPage):
             self.example.show_segments([(exc.message, False)])
 
     def _saved_as(self, path: str) -> None:
-        self.banner.show_message(f"Saved {len(self.editor.model.rows):,} examples to {path}.",
-                                 "Training will use this file.", tone="success")
-        self.set_path(path)
+        proceed, self._after_save = self._after_save, None
+        count = len(self.editor.model.rows)
+        if proceed:
+            proceed()  # the other file or format the user chose before saving
+        else:
+            self.set_path(path)
+        # After the load it starts, which clears the banner.
+        self.banner.show_message(f"Saved {count:,} examples to {path}.",
+                                 None if proceed else "Training will use this file.", tone="success")
 
     def _ask_convert(self) -> None:
         dialog = ConvertDialog(self)
@@ -403,6 +481,9 @@ class DataPage(WizardPage):
 
     def convert(self, path: str, source: str, persona: str, gap_hours: float, anonymise: bool) -> None:
         """Convert a chat export on a worker thread and open the result in the editor, unsaved."""
+        if not self._edits_may_go(f"Converting {Path(path).name}",
+                                  lambda: self.convert(path, source, persona, gap_hours, anonymise)):
+            return
         if self.context.model is None:
             self.banner.show_message("Choose a base model first: the examples are counted with its tokenizer.")
             return
@@ -430,6 +511,7 @@ class DataPage(WizardPage):
         self.editor.set_examples(conversations, lengths, self._max_len(), self.context.model.tokenizer,
                                  self._system_prompt(), dirty=True)
         self.path_field.edit.clear()  # the file shown before is not what the editor holds now
+        self._shown = self._request()[:4]
         self.banner.show_message(" · ".join(conversion.report.to_text().splitlines()),
                                  "Check the examples, then Save as… to train on them.", tone="info")
         self.histogram.show_lengths(lengths, self._max_len())
