@@ -1,17 +1,17 @@
 """Serving many personas on one loaded base to many clients at once: a request queue and one worker thread.
 
 The worker thread owns the model: callers (the HTTP server's event loop, a benchmark) only validate and enqueue a
-request, then receive its text through a listener callback. Requests waiting together are answered together, in
-one `generate()` call whose rows may use different personas: peft's `adapter_names=` runs each row through its own
-LoRA matrices (its "mixed adapter batch"), so four clients talking to four personas cost about one decoding pass per
-token instead of four. Rows end on their own (end of turn, stop string, token limit, or the client going away): a
-row that has ended only rides along as padding until the longest row ends.
+request, then receive its text through a listener callback. The worker decodes every running request together,
+one token per request per step, in a batch whose rows may use different personas (app.core.running_batch): four
+clients talking to four personas cost about one decoding pass per token instead of four. Requests join the batch
+between two steps, as they arrive, and leave it the moment they end (end of turn, stop string, token limit, or the
+client going away), so nobody waits for someone else's reply to finish and no step computes an unwanted token.
 
-Only requests that sample alike share a batch: greedy ones with each other, sampled ones with the same temperature
-and top-p, and a seeded request runs alone, so that a seed gives the same reply it gives in `tailor chat`. A batch
-of equally long prompts computes each row exactly as `tailor chat` does; a shorter prompt is padded on the left,
-and its masked attention rounds differently in bf16 (logits move by ~4e-3), which can flip a near-tie in a greedy
-reply, as in every batched server.
+Every row decodes with its own settings and its own random generator, so greedy and sampled requests share a batch,
+and a seed gives the reply it gives in `tailor chat`. A row's prompt is prefilled alone, exactly as `tailor chat`
+does; while decoding, the rows' caches are left-padded to a common width and the padding is masked out, which can
+change only the rounding (fp32: ~1e-6 in the logits, bf16: ~4e-3), so a reply equals `tailor chat`'s but for a
+near-tie that rounding flips, as in every batched server.
 
 Personas come from the library and are looked up again on every request, so one trained or imported while the
 server runs is served from its next request on, without a restart.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from app.core.chat import BASE, ChatSession, GenerationSettings
+from app.core.running_batch import Row, RowSampler, RunningBatch
 from app.core.config import validate_adapter_name
 from app.core.errors import TailorError
 from app.core.library import AdapterEntry, Library
@@ -37,15 +38,10 @@ from app.core.templates import place_system_prompt, render
 log = logging.getLogger("tailor.serve")
 
 MAX_BATCH = 8
-"""Requests answered in one generate() call; more wait for the next one."""
-GATHER_S = 0.02
-"""How long the worker waits for more requests before starting a batch when it expects no more."""
-GATHER_MAX_S = 0.25
-"""How long it waits, at most, for as many requests as the last round had. Clients whose replies ended together
-send their next requests some milliseconds apart (more on a busy machine); starting with the first alone would make
-the rest queue behind it for a whole reply, so waiting a fraction of a second to batch them pays many times over."""
-PEFT_BASE_ROW = "__base__"
-"""peft's name for a row of a mixed batch that uses no adapter."""
+"""Requests decoded together at most; more wait in the queue and join as others end."""
+
+SEEDS = (-2**63, 2**64 - 1)
+"""The seeds torch's random generators take."""
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
@@ -120,9 +116,11 @@ class Generation:
     listener: Listener
     mixable: bool = True
     """False for a persona peft cannot run in a mixed batch (DoRA): it shares a batch only with itself."""
-    adapter_key: str | None = None
     tokens: list[int] = field(default_factory=list)
+    """The reply's tokens so far (its end-of-turn token not included)."""
     finish_reason: str | None = None
+    joined_running: bool = False
+    """Whether it joined a batch that was already decoding other requests."""
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _stop_text: StopText | None = None
 
@@ -176,51 +174,13 @@ def overlap(text: str, stop: str) -> int:
     return 0
 
 
-def sampling_key(settings: GenerationSettings) -> tuple:
-    """Requests with equal keys can share one generate() call: everything but the length, and for greedy requests
-    also everything about sampling (it does not apply)."""
-    values = {key: value for key, value in dataclasses.asdict(settings).items() if key != "max_new_tokens"}
-    if settings.greedy:
-        values = {key: value for key, value in values.items() if key not in ("temperature", "top_p", "top_k", "seed")}
-    return tuple(sorted(values.items()))
-
-
-def _recent_repetition_penalty(settings: GenerationSettings, pad_lengths: list[int]):
-    """The chat engine's repetition penalty (over each row's last `repetition_window` tokens), row by row, so the
-    left padding of a shorter prompt never counts as a recent token: each row is penalised as it would be alone."""
-    from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    penalty, window = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty), settings.repetition_window
-
-    class RecentRepetitionPenaltyPerRow(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            for row, padding in enumerate(pad_lengths):
-                start = max(padding, input_ids.shape[1] - window)
-                scores[row:row + 1] = penalty(input_ids[row:row + 1, start:], scores[row:row + 1])
-            return scores
-
-    return RecentRepetitionPenaltyPerRow()
-
-
-def generate_options(settings: GenerationSettings, pad_lengths: list[int]) -> dict:
-    """generate()'s decoding arguments for a batch, as ChatSession.stream sets them for one reply."""
-    from transformers import LogitsProcessorList
-
-    processors = [_recent_repetition_penalty(settings, pad_lengths)] if settings.repetition_penalty != 1 else []
-    options = dict(do_sample=not settings.greedy, logits_processor=LogitsProcessorList(processors),
-                   repetition_penalty=1.0)  # transformers' own penalty would count the whole prompt, padding too
-    if settings.greedy:
-        options.update(temperature=None, top_p=None, top_k=None)
-    else:
-        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return options
-
-
 class ServingEngine:
     """One ChatSession shared by many clients; see the module docstring.
 
     `names` limits serving to those personas (None: every persona in the library that fits the base, including
     ones added later). `max_batch=1` answers requests strictly one at a time (the benchmark's reference).
+    `on_step`, if set, is called on the worker thread before every decode step with the requests in it (tests and
+    benchmarks watch the batching through it).
     """
 
     def __init__(self, session: ChatSession, library: Library | None, names: list[str] | None = None,
@@ -232,18 +192,18 @@ class ServingEngine:
         self.names = list(names) if names is not None else None
         self.max_batch = max_batch
         self.context_tokens = session.context_length
-        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "joined_running": 0}
+        """Requests by how they ended; `joined_running`: those that joined a batch already decoding others."""
         self.started = time.time()
         self.running = 0
+        """Requests decoding now."""
         self.largest_batch = 0
-        self._demand = 1
-        """Requests in the last round: the batch that ran plus those that queued behind it."""
-        """The most requests answered together so far (tests and the benchmark check batching happens)."""
+        """The most requests decoded together so far."""
+        self.on_step: Callable[[list[Generation]], None] | None = None
         self._ids = itertools.count(1)
         self._queue: deque[Generation] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self._cancel_running = False
         self._thread: threading.Thread | None = None
         self._eos_ids = set(self._end_of_turn_ids())
 
@@ -284,6 +244,9 @@ class ServingEngine:
         entry = self._entry(model)
         recommended = GenerationSettings(max_new_tokens=self.context_tokens).with_sampling(
             (entry.manifest or {}).get("sampling") if entry else None)
+        seed = given.get("seed")
+        if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+            raise ServeError(f"Invalid 'seed': it must be between {SEEDS[0]} and {SEEDS[1]}, not {seed}.", param="seed")
         try:
             return dataclasses.replace(recommended, **given)
         except TailorError as exc:
@@ -376,7 +339,7 @@ class ServingEngine:
         return self
 
     def close(self, timeout: float = 30) -> None:
-        """Stop taking requests, end the running batch at its next token, fail what is still queued."""
+        """Stop taking requests, end the running ones before their next token, cancel what is still queued."""
         with self._wake:
             self._closing = True
             queued = list(self._queue)
@@ -385,7 +348,6 @@ class ServingEngine:
         for generation in queued:
             generation.cancel()
             self._finish(generation, FINISH_CANCELLED)
-        self._cancel_running = True
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -394,101 +356,104 @@ class ServingEngine:
         return len(self._queue)
 
     def _work(self) -> None:
+        batch = RunningBatch(self.session)
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
+            joining = self._joiners(batch)
+            if joining is None:
+                break
+            for generation in joining:
+                self._join(batch, generation)
+            self._drop_ended(batch)
             self.running = len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            try:
-                self._run_batch(batch)
-                self._demand = len(batch) + len(self._queue)
-            except Exception as exc:  # one bad batch must not end the server; its clients hear why
-                log.exception("Generation failed for requests %s", [generation.id for generation in batch])
-                message = exc.message if isinstance(exc, TailorError) else "Generation failed; the server log says why."
-                for generation in batch:
-                    if not generation.done:
-                        generation.finish_reason = "error"
-                        self.counts["failed"] += 1
-                        generation.listener(Failed(message, exc.status if isinstance(exc, ServeError) else 500))
-            finally:
-                self.running = 0
+            if batch:
+                self._step(batch)
+        for row in batch.rows:
+            self._finish(row.owner, FINISH_CANCELLED)
+        self.running = 0
 
-    def _next_batch(self) -> list[Generation] | None:
-        """The oldest waiting request plus every other waiting one that samples alike, up to max_batch."""
+    def _joiners(self, batch: RunningBatch) -> list[Generation] | None:
+        """The waiting requests that join the batch now, oldest first (None once closing). Waits for one while the
+        batch is empty. A request that cannot join yet stops the ones behind it, so it is not overtaken forever."""
         with self._wake:
-            while not self._queue and not self._closing:
+            while not self._queue and not batch and not self._closing:
                 self._wake.wait()
-            wanted = min(self.max_batch, max(2, self._demand))
-            deadline = time.monotonic() + (GATHER_MAX_S if self._demand > 1 else GATHER_S)
-            while 1 < self.max_batch and len(self._queue) < wanted and not self._closing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wake.wait(remaining)
             if self._closing:
                 return None
-            first = self._queue.popleft()
-            batch = [first]
-            for generation in list(self._queue):
-                if len(batch) >= self.max_batch:
-                    break
-                if self._fits_batch(generation, batch):
+            waiting = list(self._queue)
+        joining: list[Generation] = []
+        for generation in waiting:
+            if not self._can_join(generation, batch, joining):
+                break
+            joining.append(generation)
+        with self._wake:
+            for generation in joining:
+                if generation in self._queue:  # close() may have emptied the queue meanwhile
                     self._queue.remove(generation)
-                    batch.append(generation)
-        return batch
+        return joining
 
-    @staticmethod
-    def _fits_batch(generation: Generation, batch: list[Generation]) -> bool:
-        first, settings = batch[0], generation.request.settings
-        if not settings.greedy and (settings.seed is not None or first.request.settings.seed is not None):
-            return False  # a seed promises the reply it gives alone
-        if sampling_key(settings) != sampling_key(first.request.settings):
+    def _can_join(self, generation: Generation, batch: RunningBatch, joining: list[Generation]) -> bool:
+        running = [row.owner for row in batch.rows]
+        if len(running) + len(joining) >= self.max_batch:
             return False
-        same_persona = all(other.request.model == generation.request.model for other in batch)
-        return same_persona or (generation.mixable and all(other.mixable for other in batch))
+        if (running or joining) and not batch.joinable:
+            return False
+        together = [*running, *joining, generation]
+        if len({other.request.model for other in together}) > 1 and not all(other.mixable for other in together):
+            return False
+        # A persona changed in the library is reloaded, which running requests on its old version must not see.
+        return not (generation.request.model in batch.personas and self._changed(generation.request.model))
 
-    def _run_batch(self, batch: list[Generation]) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+    def _changed(self, name: str) -> bool:
+        """Whether the library holds a newer version of loaded persona `name` than the one loaded."""
+        if self.library is None:
+            return False
+        try:
+            return self.library.get(name).manifest != self.session.adapters[name].manifest
+        except (TailorError, KeyError):
+            return False  # gone from the library: its request fails at loading, with the reason
 
-        batch = [generation for generation in batch if not self._skip_cancelled(generation)]
-        if not batch:
+    def _join(self, batch: RunningBatch, generation: Generation) -> None:
+        """Prefill a request into the batch and hand out its first token; only this request fails if that fails."""
+        if self._skip_cancelled(generation):
             return
-        for generation in batch:
+        try:
             if generation.request.model != BASE:
-                generation.adapter_key = self._ensure_loaded(generation.request.model)
-        session, engine = self.session, self
-        pad = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else min(self._eos_ids)
-        width = max(len(generation.prompt_ids) for generation in batch)
-        # Left padding: every row's next token then comes out of the same (last) position.
-        input_ids = torch.tensor([[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in batch], device=session.device)
-        attention_mask = torch.tensor([[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in batch],
-                                      device=session.device)
+                self._ensure_loaded(generation.request.model)
+            row = Row(generation, list(generation.prompt_ids), generation.request.model,
+                      RowSampler(generation.request.settings, self.session.device))
+            generation.joined_running = bool(batch)
+            batch.join(row)
+            self.counts["joined_running"] += generation.joined_running
+            self.largest_batch = max(self.largest_batch, len(batch))
+            self._take_token(generation, row.tokens[-1])
+        except Exception as exc:  # one bad request must not end the server; its client hears why
+            self._fail([generation], exc)
 
-        class RowsDone(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([g.done or g.cancelled or engine._cancel_running for g in batch],
-                                    device=input_ids.device)
+    def _step(self, batch: RunningBatch) -> None:
+        try:
+            if self.on_step is not None:
+                self.on_step([row.owner for row in batch.rows])
+            batch.step()
+            for row in batch.rows:
+                self._take_token(row.owner, row.tokens[-1])
+        except Exception as exc:  # the server keeps serving; these clients hear why
+            self._fail([row.owner for row in batch.rows], exc)
+        self._drop_ended(batch)
 
-        settings = batch[0].request.settings
-        pad_lengths = [width - len(generation.prompt_ids) for generation in batch]
-        options = dict(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad,
-                       max_new_tokens=max(generation.max_new_tokens for generation in batch),
-                       streamer=_BatchStreamer(self, batch), stopping_criteria=StoppingCriteriaList([RowsDone()]),
-                       **generate_options(settings, pad_lengths))
-        keys = [generation.adapter_key for generation in batch]
-        if len(set(keys)) == 1:
-            session.select(batch[0].request.model)  # one persona for every row: peft's plain (faster) path
-        else:
-            options["adapter_names"] = [key or PEFT_BASE_ROW for key in keys]
-        with torch.inference_mode():
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            session.model.generate(**options)
-        for generation in batch:
-            if not generation.done:  # generate() ended every row that was still running: cancelled by close()
-                self._finish(generation, FINISH_CANCELLED)
+    def _drop_ended(self, batch: RunningBatch) -> None:
+        """Rows whose request has ended or been cancelled leave the batch now."""
+        for row in batch.rows:
+            self._skip_cancelled(row.owner)
+        batch.leave([row for row in batch.rows if row.owner.done])
+
+    def _fail(self, generations: list[Generation], exc: Exception) -> None:
+        log.error("Generation failed for requests %s", [generation.id for generation in generations], exc_info=exc)
+        message = exc.message if isinstance(exc, TailorError) else "Generation failed; the server log says why."
+        for generation in generations:
+            if not generation.done:
+                generation.finish_reason = "error"
+                self.counts["failed"] += 1
+                generation.listener(Failed(message, exc.status if isinstance(exc, ServeError) else 500))
 
     def _skip_cancelled(self, generation: Generation) -> bool:
         if generation.cancelled:
@@ -531,24 +496,6 @@ class ServingEngine:
         ids = self.session.base_model.generation_config.eos_token_id
         ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
         return [token for token in [*ids, self.session.tokenizer.eos_token_id] if token is not None]
-
-
-class _BatchStreamer:
-    """transformers calls `put` with the prompt once, then with each step's new token per row."""
-
-    def __init__(self, engine: ServingEngine, batch: list[Generation]):
-        self.engine, self.batch, self.prompt_seen = engine, batch, False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for generation, token in zip(self.batch, value.reshape(-1).tolist()):
-            if not generation.done:
-                self.engine._take_token(generation, token)
-
-    def end(self) -> None:
-        pass
 
 
 def _created(entry: AdapterEntry) -> int:

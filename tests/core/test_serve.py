@@ -282,10 +282,10 @@ def test_max_tokens_beyond_the_context_is_clamped_and_long_conversations_trimmed
 
 
 def test_an_engine_failure_is_a_500_without_traceback_and_the_server_recovers(client, engine, server, monkeypatch):
-    def broken(**options):
-        raise RuntimeError("simulated failure deep inside generate")
+    def broken(*args, **options):
+        raise RuntimeError("simulated failure deep inside the model's forward pass")
 
-    monkeypatch.setattr(engine.session.model, "generate", broken)
+    monkeypatch.setattr(engine.session.model, "forward", broken)
     response = post(server, {"model": "alpha", "messages": HELLO, "max_tokens": 4})
     assert response.status_code == 500
     assert "simulated" not in response.text and "Traceback" not in response.text
