@@ -43,14 +43,14 @@ def register(subparsers, common) -> None:
 
 def run_check(args) -> int:
     from app.cli.common import console
-    from app.core.data import build_report, load_dataset_file, tokenize_dataset
+    from app.core.data import build_report, load_dataset_file, measure_dataset
     from app.core.models import load_tokenizer, resolve_base
 
     # Validate the file before anything slow, so a broken dataset is reported at once.
     loaded = load_dataset_file(args.file, args.format, args.prompt_column, args.response_column)
     tokenizer = load_tokenizer(resolve_base(args.base, progress=lambda m: console.print(f"[dim]{m}[/]")).folder)
-    examples, lengths = tokenize_dataset(tokenizer, loaded, args.max_len, args.system)
-    report = build_report(loaded, lengths, len(examples), args.max_len)
+    usable, lengths = measure_dataset(tokenizer, loaded, args.max_len, args.system)
+    report = build_report(loaded, lengths, usable, args.max_len)
     console.print(report.to_text(), markup=False, highlight=False)
     return 0
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from app.core.data import (
-    IGNORE_INDEX, build_report, example_segments, load_dataset_file, tokenize_conversation, tokenize_dataset,
+    IGNORE_INDEX, build_report, example_segments, load_dataset_file, measure_dataset, tokenize_conversation,
+    tokenize_dataset,
 )
 from app.core.errors import DatasetError
 
@@ -134,3 +135,12 @@ def test_report_counts_truncation_and_system_prompt(tmp_path, tokenizer):
     assert max(len(e.input_ids) for e in examples) == 128
     assert all("You are terse." in tokenizer.decode(e.input_ids) for e in examples)
     assert "Truncated at max length 128: 1 row(s)" in report.to_text()
+
+
+def test_measuring_a_dataset_counts_the_rows_tokenizing_keeps_without_keeping_them(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "Aye."}]}
+            for prompt in ("Hello", "word " * 200, "Bye")]  # the long prompt leaves its reply past max_len: untrained
+    loaded = load_dataset_file(write_lines(tmp_path / "rows.jsonl", rows))
+    examples, lengths = tokenize_dataset(tokenizer, loaded, max_len=64, system_prompt=None)
+    assert len(examples) == 2
+    assert measure_dataset(tokenizer, loaded, max_len=64, system_prompt=None) == (2, lengths)

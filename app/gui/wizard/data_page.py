@@ -43,12 +43,12 @@ def sample_datasets() -> list[Path]:
 def inspect_dataset(path: str, format: str, prompt_column: str | None, response_column: str | None, tokenizer,
                     max_len: int, system_prompt: str | None, report: Callable[[str], None]) -> DatasetInfo:
     """Load, validate and count tokens (raises DatasetError listing bad lines). Runs on a worker thread."""
-    from app.core.data import build_report, example_segments, load_dataset_file, tokenize_dataset
+    from app.core.data import build_report, example_segments, load_dataset_file, measure_dataset
 
     loaded = load_dataset_file(path, format, prompt_column, response_column)
     report(f"Counting tokens in {loaded.rows:,} examples…")
-    examples, lengths = tokenize_dataset(tokenizer, loaded, max_len, system_prompt)
-    dataset_report = build_report(loaded, lengths, len(examples), max_len)
+    usable, lengths = measure_dataset(tokenizer, loaded, max_len, system_prompt)
+    dataset_report = build_report(loaded, lengths, usable, max_len)
     if loaded.format == "text":
         segments = [(loaded.texts[0], True)]
     else:
