@@ -67,6 +67,26 @@ def test_adapters_llama_cpp_cannot_run_are_refused_for_gguf_and_ollama_with_the_
     assert not (tmp_path / "dora-ollama").exists() and not (tmp_path / "extras.gguf").exists()
 
 
+def test_gguf_refuses_per_layer_ranks_and_lora_bias_and_folds_the_rslora_scale_into_alpha(tiny_base, tmp_path):
+    """llama.cpp reads one alpha per file and scales every layer by alpha / rank: per-layer ranks or alphas and
+    LoRA bias vectors cannot be written, while rsLoRA's alpha / sqrt(rank) is the same scale with alpha * sqrt(rank)
+    (tests/core/test_llamacpp.py checks that scale in llama.cpp itself)."""
+    import gguf
+
+    library = Library(tmp_path / "library")
+    make_random_adapters(library, tiny_base, ["layered"], rank_pattern={"v_proj": 8})
+    make_random_adapters(library, tiny_base, ["biased"], lora_bias=True)
+    make_random_adapters(library, tiny_base, ["rs"], rank=16, use_rslora=True)
+    with pytest.raises(TailorError, match="different rank or alpha per layer") as refused:
+        export_adapter(library, "layered", "gguf", tmp_path / "layered.gguf")
+    assert "merged" in refused.value.hint
+    with pytest.raises(TailorError, match="bias terms"):
+        export_adapter(library, "biased", "ollama", tmp_path / "biased-ollama")
+    assert not (tmp_path / "layered.gguf").exists() and not (tmp_path / "biased-ollama").exists()
+    reader = gguf.GGUFReader(export_adapter(library, "rs", "gguf", tmp_path / "rs.gguf"))
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(2 * 16 * 4)
+
+
 def test_peft_model_card_gives_the_exact_vllm_serve_line(library, tmp_path):
     target = export_adapter(library, "alpha", "peft", tmp_path / "alpha-peft")
     card = (target / "README.md").read_text()
