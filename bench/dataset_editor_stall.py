@@ -163,6 +163,9 @@ def run_steps(rows: int, scratch: Path) -> tuple[dict[str, list[float]], dict[st
     step("REFERENCE: QTableWidget filled with the rows", fill_reference)
     clock.timer.stop()
     window.close()
+    from app.gui.workers import wait_for_all_jobs
+
+    wait_for_all_jobs(120_000)  # the check the reload started: no thread may be running when the app goes
     walls["_duplicates_shown"] = duplicates_shown
     walls["_rows_after"] = remaining
     return clock.stalls(), walls

@@ -95,6 +95,21 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def make_rows(conversations: Sequence[Messages], lengths: Sequence[int | None] | None = None) -> list[Row]:
+    """The editor's rows for a dataset. For 50,000 rows this takes 0.1 s or more, so a big dataset's rows are made on
+    the worker that reads it, not on the GUI thread."""
+    if lengths is None or len(lengths) != len(conversations):
+        lengths = [None] * len(conversations)
+    # Rows hold no cycles; with the collector on, each full collection during the build walks every row made so far.
+    was_collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return [Row(messages, length) for messages, length in zip(conversations, lengths)]
+    finally:
+        if was_collecting:
+            gc.enable()
+
+
 def first_text(messages: Messages, role: str) -> tuple[int | None, str]:
     """The position and text of the first turn of `role` (None, '' when there is none)."""
     return next(((i, m["content"]) for i, m in enumerate(messages) if m["role"] == role), (None, ""))
@@ -127,10 +142,12 @@ class ExamplesModel(QAbstractTableModel):
     # Loading and filtering
 
     def set_examples(self, conversations: Sequence[Messages], lengths: Sequence[int | None] | None = None) -> None:
-        if lengths is None or len(lengths) != len(conversations):
-            lengths = [None] * len(conversations)
+        self.set_rows(make_rows(conversations, lengths))
+
+    def set_rows(self, rows: list[Row]) -> None:
+        """Show these rows (from make_rows, which a worker can run for a big dataset): all of them, no undo history."""
         self.beginResetModel()
-        self.rows = [Row(messages, length) for messages, length in zip(conversations, lengths)]
+        self.rows = rows
         self.visible, self.showing_all = self.rows, True
         self.fetched = min(FETCH_BATCH, len(self.visible))
         self.notes = {}
@@ -565,13 +582,17 @@ class DatasetEditor(QWidget):
     def set_examples(self, conversations: Sequence[Messages], lengths: Sequence[int] | None, max_len: int,
                      tokenizer, system_prompt: str | None, dirty: bool = False) -> None:
         """Show a dataset; `dirty` when it exists only here so far (a conversion not saved yet)."""
+        self.show_rows(make_rows(conversations, lengths), max_len, tokenizer, system_prompt, dirty)
+
+    def show_rows(self, rows: list[Row], max_len: int, tokenizer, system_prompt: str | None, dirty: bool = False) -> None:
+        """set_examples with the rows made already (make_rows, on the worker that read a big dataset)."""
         self._tokenizer, self._system_prompt = tokenizer, system_prompt
         self.model.max_len = max_len
         self.model.recount = self._count_tokens if tokenizer is not None else None
         self.filter.blockSignals(True)
         self.filter.setCurrentIndex(0)
         self.filter.blockSignals(False)
-        self.model.set_examples(conversations, lengths)
+        self.model.set_rows(rows)
         self.dirty = dirty
         self.report = None
         self._update_buttons()

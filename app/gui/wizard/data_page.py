@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
 
 from app.core.config import DATA_FORMATS, DataSettings
 from app.gui import settings
-from app.gui.dataset_editor import ConvertDialog, DatasetEditor, freeze_heap
+from app.gui.dataset_editor import ConvertDialog, DatasetEditor, Row, freeze_heap, make_rows
 from app.gui.wizard.base import DatasetInfo, WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 from app.gui.wizard.widgets import ExampleView, PathField, TokenHistogram, legend_html
@@ -323,17 +323,22 @@ class DataPage(WizardPage):
         tokenizer, max_len, system_prompt = self.context.model.tokenizer, self._max_len(), self._system_prompt()
         self.context.dataset = None
         freeze_heap()  # the loader makes a row's worth of objects per example; collections then skip the rest
-        self.run_job(
-            lambda report: inspect_dataset(path, format, prompt_column, response_column, tokenizer, max_len,
-                                           system_prompt, report),
-            f"Reading {Path(path).name}…", lambda info: self._loaded(request, info),
-            lambda failure: self._failed(request, failure))
 
-    def _loaded(self, request: tuple, info: DatasetInfo) -> None:
+        def work(report) -> tuple[DatasetInfo, list[Row]]:
+            info = inspect_dataset(path, format, prompt_column, response_column, tokenizer, max_len, system_prompt,
+                                   report)
+            # The editor's rows too: making 50,000 of them would stall the window for 0.1 s.
+            editable = info.report.format != "text"
+            return info, make_rows(info.loaded.conversations, info.report.token_lengths) if editable else []
+
+        self.run_job(work, f"Reading {Path(path).name}…", lambda result: self._loaded(request, *result),
+                     lambda failure: self._failed(request, failure))
+
+    def _loaded(self, request: tuple, info: DatasetInfo, rows: list[Row]) -> None:
         if request != self._request():
             return  # the user changed the file or format meanwhile; a newer load is on its way
         self.context.dataset = info
-        self._show(info)
+        self._show(info, rows)
 
     def _failed(self, request: tuple, failure) -> None:
         if request != self._request():
@@ -353,7 +358,7 @@ class DataPage(WizardPage):
         self.histogram.show_lengths([], self._max_len())
         self.example.show_segments([])
 
-    def _show(self, info: DatasetInfo) -> None:
+    def _show(self, info: DatasetInfo, rows: list[Row]) -> None:
         report = info.report
         self.detected.setText(f"detected: {FORMAT_NAMES[report.format]}" if info.format == "auto" else "")
         self._show_columns(info)
@@ -361,8 +366,7 @@ class DataPage(WizardPage):
         self._shown = (info.path, info.format, info.prompt_column, info.response_column)
         if report.format != "text":
             self.rows_stack.setCurrentWidget(self.editor)
-            self.editor.set_examples(info.loaded.conversations, report.token_lengths, self._max_len(), info.tokenizer,
-                                     self._system_prompt())
+            self.editor.show_rows(rows, self._max_len(), info.tokenizer, self._system_prompt())
         else:
             self.editor.clear()
             self.rows_stack.setCurrentWidget(self.table)
@@ -496,20 +500,20 @@ class DataPage(WizardPage):
             conversion = convert_export(path, source, persona, gap_hours, anonymise)
             report(f"Counting tokens in {len(conversion.examples):,} examples…")
             conversations = [example["messages"] for example in conversion.examples]
-            return conversion, conversations, token_lengths(tokenizer, conversations, system_prompt)
+            lengths = token_lengths(tokenizer, conversations, system_prompt)
+            return conversion, make_rows(conversations, lengths), lengths
 
         freeze_heap()
         self.run_job(work, f"Converting {Path(path).name}…", self._converted)
 
     def _converted(self, result) -> None:
-        conversion, conversations, lengths = result
+        conversion, rows, lengths = result
         self.context.dataset = None
         self._converted_from = Path(conversion.report.path).name
         self.rows_stack.setCurrentWidget(self.editor)
         self.columns_row.hide()
         self.detected.clear()
-        self.editor.set_examples(conversations, lengths, self._max_len(), self.context.model.tokenizer,
-                                 self._system_prompt(), dirty=True)
+        self.editor.show_rows(rows, self._max_len(), self.context.model.tokenizer, self._system_prompt(), dirty=True)
         self.path_field.edit.clear()  # the file shown before is not what the editor holds now
         self._shown = self._request()[:4]
         self.banner.show_message(" · ".join(conversion.report.to_text().splitlines()),
