@@ -4,10 +4,11 @@ peft can run a batch whose rows use different adapters (`adapter_names=`), but i
 LoRA layer, slicing out each one's rows and writing them back: about eight small operations per adapter per layer,
 which on a small model cost more than the base model's own step (SmolLM2-135M, 4 rows of 4 personas on a CPU: a
 step took 1.5x as long as one with every row on the same persona). Here each row's A and B matrices are stacked
-once per batch composition, and a layer's update for all rows is `bmm(bmm(x, A), B) * scaling`, what punica's
+once per batch composition, and a layer's update for all rows is `bmm(bmm(x, Aᵀ), Bᵀ) * scaling`, what punica's
 BGMV kernel and S-LoRA compute on GPUs. The layers themselves run with no adapter active (the base output), and a
 forward hook adds the update. Rows without the layer's adapter (the base, or a persona that does not adapt that
-layer) get zeros; ranks that differ are zero-padded to the largest, which adds exact zeros.
+layer) get zeros; ranks that differ are zero-padded to the largest (exact zeros, though a longer sum may round
+differently in the last bit).
 
 Only plain LoRA on linear layers stacks like this; `supports` says whether every adapter of a batch is one, and the
 caller uses peft's path otherwise (DoRA and other variants, LoRA on embeddings or convolutions, a bias on B,
@@ -59,7 +60,12 @@ class RowLora:
 
 
 def _stack(layer, keys: list[str | None]):
-    """(layer, A: rows x in x rank, B: rows x rank x out, scaling: rows x 1 x 1), or None if no row adapts it."""
+    """(layer, A: rows x rank x in, B: rows x out x rank, scaling: rows x 1 x 1), or None if no row adapts it.
+
+    The stacks keep peft's weight layout (out x in) and are multiplied through transposed views, as F.linear
+    multiplies a weight: the same kernel then adds up each row's products in the same order, so a row's update is
+    bit for bit what peft computes for it alone. That matters with bitsandbytes' 4-bit CPU kernel, which rounds its
+    input to bf16: a last-bit difference in one layer would, now and then, flip a rounding there and grow."""
     import torch
 
     present = [key for key in keys if key is not None and key in getattr(layer, "lora_A", {})]
@@ -68,14 +74,14 @@ def _stack(layer, keys: list[str | None]):
     first = layer.lora_A[present[0]].weight
     rank = max(layer.lora_A[key].weight.shape[0] for key in present)
     out_features = layer.lora_B[present[0]].weight.shape[0]
-    a = torch.zeros(len(keys), first.shape[1], rank, dtype=first.dtype, device=first.device)
-    b = torch.zeros(len(keys), rank, out_features, dtype=first.dtype, device=first.device)
+    a = torch.zeros(len(keys), rank, first.shape[1], dtype=first.dtype, device=first.device)
+    b = torch.zeros(len(keys), out_features, rank, dtype=first.dtype, device=first.device)
     scaling = torch.zeros(len(keys), 1, 1, dtype=first.dtype, device=first.device)
     for row, key in enumerate(keys):
         if key in present:
             down, up = layer.lora_A[key].weight, layer.lora_B[key].weight
-            a[row, :, :down.shape[0]] = down.T
-            b[row, :up.shape[1], :] = up.T
+            a[row, :down.shape[0]] = down
+            b[row, :, :up.shape[1]] = up
             scaling[row] = layer.scaling[key]
     return layer, a, b, scaling
 
@@ -83,9 +89,11 @@ def _stack(layer, keys: list[str | None]):
 def _add_update(a, b, scaling):
     import torch
 
+    a_t, b_t = a.transpose(1, 2), b.transpose(1, 2)
+
     def hook(module, args, output):
         # peft's own order and casts: lora_B(lora_A(x)) * scaling, in the adapter's dtype, then the output's.
-        update = torch.bmm(torch.bmm(args[0].to(a.dtype), a), b) * scaling
+        update = torch.bmm(torch.bmm(args[0].to(a.dtype), a_t), b_t) * scaling
         return output + update.to(output.dtype)
 
     return hook

@@ -30,6 +30,8 @@ from app.core.chat import BASE, ChatSession, GenerationSettings, _logits_process
 
 PEFT_BASE_ROW = "__base__"
 """peft's name, in a mixed batch, for a row that uses no adapter."""
+ROW_ATTENTION = "tailor_rows"
+"""The attention implementation (transformers' AttentionInterface) that attends row by row; see `_row_attention`."""
 
 
 def _inference_mode(method):
@@ -108,6 +110,8 @@ class RunningBatch:
         self.joinable = _plain_cache(session.base_model.config)
         """Whether a row can join while others decode. Only full-attention caches can be padded and stacked; a
         model with sliding-window or recurrent layers (Gemma 2, ...) takes new rows only into an empty batch."""
+        self.row_attention = _use_row_attention(session.base_model)
+        """Whether each row attends through its own tokens only (see `_row_attention`) rather than a padding mask."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -149,8 +153,9 @@ class RunningBatch:
 
         device = self.session.device
         mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=device)], dim=1)
+        extra = {"row_starts": self.mask.int().argmax(dim=1).tolist()} if self.row_attention else {}
         logits = self._forward(self.rows, input_ids=torch.tensor([[row.tokens[-1]] for row in self.rows], device=device),
-                               attention_mask=mask, cache=self.cache,
+                               attention_mask=mask, cache=self.cache, **extra,
                                position_ids=torch.tensor([[len(row.tokens) - 1] for row in self.rows], device=device))
         self.mask = mask
         self.steps += 1
@@ -233,3 +238,38 @@ def _plain_cache(config) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+def _row_attention(module, query, key, value, attention_mask, row_starts: list[int] | None = None, **kwargs):
+    """transformers' sdpa attention; given `row_starts` (each row's first column that is not padding, in a decode
+    step), every row attends through its own columns only, with no mask, exactly as a single reply decodes.
+
+    A padding mask changes nothing a row attends to, but it changes how the sums are grouped: sdpa takes another
+    path for grouped-query heads with a mask, and longer rows round differently. In fp32 that moves logits by
+    ~1e-5, but bitsandbytes' 4-bit CPU kernel rounds its inputs to bf16, so such a difference now and then flips a
+    rounding, grows from layer to layer (~0.2 in the logits on SmolLM2) and changes a greedy reply. Row by row,
+    every row of a batch computes what `tailor chat` computes for it alone, bit for bit.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if row_starts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = [sdpa_attention_forward(module, query[row:row + 1], key[row:row + 1, :, start:], value[row:row + 1, :, start:],
+                                   None, **kwargs)[0] for row, start in enumerate(row_starts)]
+    return torch.cat(rows), None
+
+
+def _use_row_attention(model) -> bool:
+    """Switch a model that attends with sdpa to `_row_attention` (the same, unless a batch passes row starts)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation == ROW_ATTENTION:
+        return True
+    if model.config._attn_implementation != "sdpa":
+        return False  # eager, flash attention...: the padding mask it is
+    AttentionInterface.register(ROW_ATTENTION, _row_attention)
+    AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROW_ATTENTION)
+    return model.config._attn_implementation == ROW_ATTENTION
