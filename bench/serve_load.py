@@ -2,8 +2,10 @@
 
 Each configuration is a fresh `tailor serve` process on 127.0.0.1 driven by the official `openai` client from N
 threads, every client sending its share of the same request list (persona i % P, greedy, fixed max_tokens):
-  (a) batched    — Tailor's serving: waiting requests answered together, one mixed-persona batch (peft adapter_names)
-  (b) one-by-one — the same server, same requests, answered strictly one at a time (--max-batch 1): the reference
+  (a) batched    — Tailor's serving: continuous batching, requests join the running mixed-persona batch between
+                   decode steps and leave it when they end (app.core.running_batch)
+  (b) one-by-one — the same server and engine, same requests, answered strictly one at a time (--max-batch 1): the
+                   reference (its one-row decode loop runs as fast as `tailor chat`'s generate())
   (c) one persona — one persona loaded, the same number of requests one at a time: the memory reference
 For each: requests/s, generated tokens/s, p50/p95 request latency, and the server's peak RSS (VmHWM) while serving
 (reset after start-up, whose conversion peaks are the same for every configuration).
@@ -13,6 +15,11 @@ The personas are random LoRA weights (rank 16 on every linear layer, like a defa
 not depend on what the weights say.
 
     python bench/serve_load.py [--clients 4] [--requests 16] [--max-tokens 48] [--personas 4] [--quant 4bit|none]
+                               [--threads N]
+
+--threads sets OMP_NUM_THREADS for the servers (default: torch's choice). On a machine other jobs keep busy, torch's
+threads wait for each other at every operation and everything runs several times slower; one thread measures the
+engines rather than the contention.
 """
 
 from __future__ import annotations
@@ -49,12 +56,14 @@ class Result:
     latencies: list[float]
     peak_rss_bytes: int
     largest_batch: int
+    joined_running: int
 
     def row(self) -> str:
         latencies = sorted(self.latencies)
         p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
         return (f"| {self.label} | {self.requests / self.seconds:.2f} | {self.tokens / self.seconds:.1f} | "
-                f"{statistics.median(latencies):.2f} | {p95:.2f} | {self.peak_rss_bytes / 2**20:.0f} | {self.largest_batch} |")
+                f"{statistics.median(latencies):.2f} | {p95:.2f} | {self.peak_rss_bytes / 2**20:.0f} | {self.largest_batch} | "
+                f"{self.joined_running} |")
 
 
 def free_port() -> int:
@@ -75,13 +84,14 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def start_server(library: Path, adapters: str, max_batch: int, quant: str) -> tuple[subprocess.Popen, str]:
+def start_server(library: Path, adapters: str, max_batch: int, quant: str, threads: int | None) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "--library", str(library), "serve", "--port", str(port),
                                "--adapters", adapters, "--quant", quant, "--max-batch", str(max_batch)],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -97,11 +107,11 @@ def start_server(library: Path, adapters: str, max_batch: int, quant: str) -> tu
 
 
 def run_load(label: str, library: Path, personas: list[str], max_batch: int, clients: int, requests: int,
-             max_tokens: int, quant: str) -> Result:
+             max_tokens: int, quant: str, threads: int | None) -> Result:
     import httpx
     import openai
 
-    server, url = start_server(library, ",".join(personas), max_batch, quant)
+    server, url = start_server(library, ",".join(personas), max_batch, quant, threads)
     try:
         jobs = [(personas[index % len(personas)], PROMPTS[index % len(PROMPTS)]) for index in range(requests)]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -127,7 +137,8 @@ def run_load(label: str, library: Path, personas: list[str], max_batch: int, cli
             thread.join()
         seconds = time.perf_counter() - started
         health = httpx.get(url + "/health").json()
-        return Result(label, requests, seconds, tokens[0], latencies, peak_rss(server.pid), health.get("largest_batch", 0))
+        return Result(label, requests, seconds, tokens[0], latencies, peak_rss(server.pid), health["largest_batch"],
+                      health["joined_running"])
     finally:
         server.terminate()
         server.wait(30)
@@ -140,6 +151,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--personas", type=int, default=4)
     parser.add_argument("--quant", choices=("4bit", "8bit", "none"), default="4bit", help="how the base is loaded")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the servers (default: torch's choice)")
     args = parser.parse_args()
 
     from adapter_factory import make_random_adapters
@@ -154,16 +166,19 @@ def main() -> int:
         names = [f"persona{index}" for index in range(args.personas)]
         make_random_adapters(library, resolve_base("default").folder, names, rank=16, target_modules=LINEAR)
         results = [
-            run_load(label, library.root, served, max_batch, args.clients, args.requests, args.max_tokens, args.quant)
+            run_load(label, library.root, served, max_batch, args.clients, args.requests, args.max_tokens, args.quant,
+                     args.threads)
             for label, served, max_batch in (("(a) batched, multi-persona", names, 8),
                                              ("(b) one at a time, multi-persona", names, 1),
                                              ("(c) one at a time, one persona", names[:1], 1))
         ]
     batched, one_by_one, single = results
     print(f"\nSmolLM2-135M-Instruct ({args.quant}) on CPU, {args.clients} concurrent clients, {args.requests} requests per row, "
-          f"{args.personas} personas, greedy, max_tokens {args.max_tokens}, {os.cpu_count()} CPU cores\n")
-    print("| configuration | requests/s | generated tokens/s | p50 latency s | p95 latency s | peak RSS MiB | largest batch |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"{args.personas} personas, greedy, max_tokens {args.max_tokens}, {os.cpu_count()} CPU cores, "
+          f"{args.threads or 'default'} torch threads\n")
+    print("| configuration | requests/s | generated tokens/s | p50 latency s | p95 latency s | peak RSS MiB | largest batch "
+          "| joined a running batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for result in results:
         print(result.row())
     tokens_ratio = (batched.tokens / batched.seconds) / (one_by_one.tokens / one_by_one.seconds)

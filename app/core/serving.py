@@ -421,8 +421,9 @@ class ServingEngine:
                 self._ensure_loaded(generation.request.model)
             row = Row(generation, list(generation.prompt_ids), generation.request.model,
                       RowSampler(generation.request.settings, self.session.device))
-            generation.joined_running = bool(batch)
+            running = bool(batch)
             batch.join(row)
+            generation.joined_running = running
             self.counts["joined_running"] += generation.joined_running
             self.largest_batch = max(self.largest_batch, len(batch))
             self._take_token(generation, row.tokens[-1])

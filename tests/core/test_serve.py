@@ -21,7 +21,7 @@ from adapter_factory import make_random_adapters
 from app.cli import main
 from app.core.chat import BASE, ChatSession, GenerationSettings
 from app.core.library import Library
-from app.core.serving import ServeRequest, ServingEngine
+from app.core.serving import Delta, Failed, Finished, ServeRequest, ServingEngine
 from app.server.app import create_app
 from app.server.limits import MAX_BODY_BYTES
 from app.server.runner import ServerThread, bind
@@ -157,6 +157,94 @@ def test_two_personas_answer_concurrently_each_with_its_own_reply(client, engine
     for index, (model, messages) in enumerate(jobs):
         assert replies[index] == expected(engine, model, messages, 10), f"request {index} ({model})"
     assert replies[0] != replies[1], "two personas, two different replies"
+
+
+class Reply:
+    """A listener for ServingEngine.submit: collects a reply's events and says when it has ended."""
+
+    def __init__(self):
+        self.events: list = []
+        self.ended = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, (Finished, Failed)):
+            self.ended.set()
+
+    @property
+    def text(self) -> str:
+        assert self.ended.wait(120), "the reply never ended"
+        return "".join(event.text for event in self.events if isinstance(event, Delta)).strip()
+
+
+def submit(engine: ServingEngine, model: str, messages: list[dict], **settings):
+    """Queue a request as the server does (the persona's system prompt first); returns (generation, reply)."""
+    session = engine.session
+    reply = Reply()
+    request = ServeRequest(model, session.prompt_messages(messages, session.system_prompt(model)),
+                           GenerationSettings(**{"temperature": 0, **settings}), ("\u2603never",))
+    return engine.submit(request, reply), reply
+
+
+def test_a_request_arriving_mid_generation_joins_the_running_batch_and_gets_its_own_reply(engine):
+    sky = [{"role": "user", "content": "Tell me a long story about the sky, the birds and the wind, please."}]
+    steps: list[set[int]] = []
+    late = []
+
+    def watch(generations) -> None:
+        steps.append({generation.id for generation in generations})
+        if len(steps) == 3:  # the first request is three tokens into its reply
+            late.append(submit(engine, "beta", sky, max_new_tokens=12))
+
+    joined = engine.counts["joined_running"]
+    engine.on_step = watch
+    try:
+        first, first_reply = submit(engine, "alpha", HELLO, max_new_tokens=24)
+        first_text = first_reply.text
+        (second, second_reply), = late
+        second_text = second_reply.text
+    finally:
+        engine.on_step = None
+    assert second.joined_running and engine.counts["joined_running"] == joined + 1
+    together = [step for step in steps if second.id in step]
+    assert together and all(first.id in step for step in together[:1]), "it decoded beside the running request"
+    assert steps[:3] == [{first.id}] * 3
+    assert first.finish_reason in ("length", "stop") and len(first.tokens) > 4, "the first was still mid-reply"
+    # Different prompt lengths: the rows are padded to a common width; each must still answer as it does alone.
+    assert len(engine.prompt_ids(sky)) != len(engine.prompt_ids(HELLO))
+    assert first_text == expected(engine, "alpha", HELLO, 24)
+    assert second_text == expected(engine, "beta", sky, 12)
+
+
+def test_a_finished_or_cancelled_request_leaves_the_batch_before_the_next_step(engine):
+    steps: list[set[int]] = []
+
+    def watch(generations) -> None:
+        steps.append({generation.id for generation in generations})
+        for generation in generations:
+            if generation.request.model == "alpha" and sum(generation.id in step for step in steps) == 4:
+                generation.cancel()  # as the server does when its client goes away; here during its 4th step
+
+    cancelled = engine.counts["cancelled"]
+    engine.on_step = watch
+    try:
+        long, long_reply = submit(engine, "alpha", HELLO, max_new_tokens=40)
+        short, short_reply = submit(engine, BASE, HELLO, max_new_tokens=3)
+        sampled, sampled_reply = submit(engine, "beta", HELLO, max_new_tokens=14, temperature=0.9, seed=11)
+        sampled_text = sampled_reply.text
+        assert long_reply.ended.wait(60) and short_reply.ended.wait(60)
+    finally:
+        engine.on_step = None
+    assert long.finish_reason == "cancelled" and engine.counts["cancelled"] == cancelled + 1
+    assert long_reply.events[-1] == Finished("cancelled", len(long.prompt_ids), len(long.tokens))
+    assert sum(long.id in step for step in steps) == 4, "no step after the cancel computed the cancelled request"
+    # The first token comes from the prompt's prefill, every other from one step; none after the last.
+    sampled_tokens = len(short.tokens) + (short.finish_reason == "stop")  # an end-of-turn token is not in `tokens`
+    assert sum(short.id in step for step in steps) == sampled_tokens - 1
+    assert sampled.finish_reason in ("length", "stop") and len(sampled.tokens) > 4
+    assert any(step == {sampled.id} for step in steps), "the others left, it went on alone"
+    # A seeded, sampled request sharing the batch with greedy ones draws what it draws alone in `tailor chat`.
+    assert sampled_text == expected(engine, "beta", HELLO, 14, temperature=0.9, seed=11)
 
 
 def test_persona_system_prompt_applies_only_when_the_request_has_none(client, engine):
