@@ -63,9 +63,11 @@ def _stack(layer, keys: list[str | None]):
     """(layer, A: rows x rank x in, B: rows x out x rank, scaling: rows x 1 x 1), or None if no row adapts it.
 
     The stacks keep peft's weight layout (out x in) and are multiplied through transposed views, as F.linear
-    multiplies a weight: the same kernel then adds up each row's products in the same order, so a row's update is
-    bit for bit what peft computes for it alone. That matters with bitsandbytes' 4-bit CPU kernel, which rounds its
-    input to bf16: a last-bit difference in one layer would, now and then, flip a rounding there and grow."""
+    multiplies a weight, so the BLAS adds up a row's products as it does for peft's update of that row alone: bit
+    for bit on SmolLM2's shapes (a whole reply is checked in tests/core/test_running_batch.py), within a last bit on
+    shapes where it blocks a batch differently. Stacked contiguously (in x rank) they differed in the last bit
+    everywhere, which matters with bitsandbytes' 4-bit CPU kernel: it rounds its input to bf16, so a last-bit
+    difference now and then flips a rounding there and grows (~0.2 in SmolLM2's logits)."""
     import torch
 
     present = [key for key in keys if key is not None and key in getattr(layer, "lora_A", {})]
