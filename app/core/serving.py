@@ -8,10 +8,10 @@ between two steps, as they arrive, and leave it the moment they end (end of turn
 client going away), so nobody waits for someone else's reply to finish and no step computes an unwanted token.
 
 Every row decodes with its own settings and its own random generator, so greedy and sampled requests share a batch,
-and a seed gives the reply it gives in `tailor chat`. A row's prompt is prefilled alone, exactly as `tailor chat`
-does; while decoding, the rows' caches are left-padded to a common width and the padding is masked out, which can
-change only the rounding (fp32: ~1e-6 in the logits, bf16: ~4e-3), so a reply equals `tailor chat`'s but for a
-near-tie that rounding flips, as in every batched server.
+and a seed gives the reply it gives in `tailor chat`. A row computes what `tailor chat` computes for it alone (its
+prompt prefilled alone, its attention over its own tokens, its LoRA update as peft's), so a reply equals `tailor
+chat`'s bit for bit; only a model that does not attend through sdpa falls back to a padding mask, whose rounding
+(~1e-5 in fp32 logits) can flip a near-tie, as in every batched server.
 
 Personas come from the library and are looked up again on every request, so one trained or imported while the
 server runs is served from its next request on, without a restart.
