@@ -49,7 +49,8 @@ def register(subparsers, common) -> None:
     parser.add_argument("--grad-accum", type=int, default=TRAINING.grad_accum)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         default=TRAINING.gradient_checkpointing,
-                        help="recompute activations: much less memory for ~30%% more time (default: on)")
+                        help="recompute activations: much less memory, slower steps (default: automatic, off when "
+                             "the run fits comfortably without it, on when memory is tight)")
     parser.add_argument("--packing", action="store_true", help="pack each batch into one row (no padding)")
     parser.add_argument("--seed", type=int, default=TRAINING.seed)
     parser.add_argument("--checkpoint-every", type=int, default=TRAINING.checkpoint_every, metavar="STEPS")

@@ -194,8 +194,13 @@ _STEM = 5
 """Words are compared by their first five letters, so "recycle" matches "recycling" and "planets" matches "planet"."""
 
 
+_CLITIC = re.compile(r"'(s|ll|re|ve|d)$")
+"""Possessives and contractions ("DNA's", "sea's", "it'll"): the word is the part before them."""
+
+
 def content_words(text: str) -> set[str]:
-    return {word[:_STEM] for word in words(text) if len(word) >= 3 and word not in _STOPWORDS and not word.isdigit()}
+    bare = (_CLITIC.sub("", word) for word in words(text))
+    return {word[:_STEM] for word in bare if len(word) >= 3 and word not in _STOPWORDS and not word.isdigit()}
 
 
 def on_topic(question: str, reply: str) -> bool | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import TailorError
 from app.core.estimate import (
-    GB, MemoryEstimate, estimate_full_finetune_memory, estimate_training_memory, quant_for_run,
+    GB, MemoryEstimate, estimate_full_finetune_memory, estimate_training_memory, memory_plan_for_run,
 )
 
 if TYPE_CHECKING:
@@ -203,17 +203,17 @@ def footprint(config: RunConfig, total_steps: int = 1, device: str | None = None
     base_params = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name and ".ranknum." not in name)
     shape = ModelShape.from_hf_config(hf_config)
     lora, data, training = config.lora, config.data, config.training
+    plan = memory_plan_for_run(config, shape, device)
     settings = {"max_len": data.max_len, "batch_size": training.batch_size,
-                "gradient_checkpointing": training.gradient_checkpointing, "device": device}
+                "gradient_checkpointing": plan.gradient_checkpointing, "device": device}
     dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
     _, bytes_per_weight = _DTYPE_NAMES.get(dtype.removeprefix("torch."), ("F32", 4))
-    quant = quant_for_run(config, shape, device)
     return Footprint(
-        base_model=f"{name} ({QUANT_WORDS[quant.quant]}{'' if quant.reason == 'as chosen' else '; ' + quant.reason})", adapter=describe_adapter(config), trainable_params=trainable, total_params=total,
+        base_model=f"{name} ({QUANT_WORDS[plan.quant]}{'' if plan.reason == 'as chosen' else '; ' + plan.reason})", adapter=describe_adapter(config), trainable_params=trainable, total_params=total,
         adapter_bytes=safetensors_size(adapter_file_tensors(model, config), SAFETENSORS_METADATA),
         adapter_size_is_bound=lora.method == "adalora", base_params=base_params,
         full_checkpoint_bytes=base_params * bytes_per_weight,
-        memory=estimate_training_memory(shape, quant=quant.quant, rank=lora.largest_rank,
+        memory=estimate_training_memory(shape, quant=plan.quant, rank=lora.largest_rank,
                                         target_modules=lora.target_modules, **settings),
         full_memory=estimate_full_finetune_memory(shape, **settings),
         device=device,

@@ -257,9 +257,10 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 
 
 def load_model(folder: Path, quant: str = "4bit", device: str | None = None, trust_remote_code: bool = False,
-               dtype=None):
+               dtype=None, return_freed_memory: bool = True):
     """Load the frozen base on `device` (CUDA when present, else CPU), its weights held as `quant` says, computing in
-    `dtype` (default: what app.core.precision picks for the device)."""
+    `dtype` (default: what app.core.precision picks for the device). On the CPU `return_freed_memory` keeps the
+    process at its live tensors (app.core.cpu_memory); a training run with memory to spare turns it off for speed."""
     from transformers import AutoModelForCausalLM
 
     from app.core.precision import compute_dtype
@@ -267,7 +268,7 @@ def load_model(folder: Path, quant: str = "4bit", device: str | None = None, tru
     quiet_transformers()
     device = device or pick_device()
     dtype = dtype or compute_dtype(device).dtype
-    if device == "cpu":
+    if device == "cpu" and return_freed_memory:
         from app.core.cpu_memory import return_freed_memory_to_os
 
         return_freed_memory_to_os()  # else glibc keeps freed activations: up to 2.8x the RAM a CPU run needs

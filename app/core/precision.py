@@ -7,8 +7,8 @@ Three things every training and chat path needs to agree on:
   Pascal `torch.cuda.is_bf16_supported()` still answers yes, because bf16 can be *emulated* there, many times slower,
   so it is not asked; those GPUs get fp16, whose narrow range needs autocast and a GradScaler (the returned
   `needs_grad_scaler`). On the CPU bf16 only where the CPU has native bf16 matrix units (AMX) and bf16 measured
-  clearly faster for the workload (training or generation; bench/cpu_compute_dtype.py); on this project's AMX test
-  machine neither did, so every CPU computes in fp32 until a measurement says otherwise (BF16_TIME_ON_AMX).
+  clearly faster for the workload (BF16_TIME_ON_AMX): on this project's AMX test machine training steps did (0.86x
+  fp32's time) and chat generation did not, so training computes in bf16 there and chat in fp32.
 - `is_out_of_memory(exc)`: an allocation failure, whatever shape it arrives in. torch raises `torch.OutOfMemoryError`
   for its caching allocator, but cuBLAS, bitsandbytes' CUDA kernels and the CPU allocator report the same event as a
   plain RuntimeError with a message, and Python's own allocator as MemoryError. All of them mean "the settings need
@@ -46,14 +46,18 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPU_BF16_UNIT = "amx_bf16"
 """Only a CPU with AMX tiles could make bf16 pay: AVX512-BF16 alone has dot-product instructions but no tile unit
 behind them, and without either PyTorch emulates bf16. CPUs without AMX therefore compute in fp32 unmeasured."""
-BF16_TIME_ON_AMX = {TRAINING: 1.26, GENERATION: 2.09}
-"""bf16 time / fp32 time on this project's AMX CPU (Xeon with AMX + AVX512-BF16, 2 cores shared by other jobs, so
-single noisy samples): TRAINING, a whole 4-bit SmolLM2-135M training step (decoder, Tailor's trained-token loss,
-backward, AdamW; LoRA r16, gradient checkpointing, batch 2 x 128) took 61 s in bf16 against 48 s in fp32;
-GENERATION, one-token forward passes of a 4-bit linear (576 -> 1536), 29.7 ms against 14.2 ms. Only a lone 4-bit
-linear's forward + backward over 1024 tokens was faster in bf16 (0.75x): bitsandbytes dequantises every weight on
-every call, norms and softmax upcast to fp32 and peft casts each LoRA input to fp32, so the AMX matmuls are too small
-a share of the step. bench/cpu_compute_dtype.py repeats the full comparison (training steps and chat tokens/s)."""
+BF16_TIME_ON_AMX = {TRAINING: 0.86, GENERATION: 2.09}
+"""bf16 time / fp32 time on this project's AMX CPU (Xeon with AMX + AVX512-BF16, 2 cores).
+
+TRAINING: seconds per optimizer step of Tailor's own trainer on the bundled SmolLM2-135M (cowboy persona, batch 8,
+LoRA r16 on all linears, dropout 0, no gradient checkpointing; 5 steps after a warm-up step, each configuration in its
+own process, 2026-11-29): 4-bit base 5.33 s in bf16 against 6.43 s in fp32, and again 5.61 s against 6.78 s (0.83);
+16-bit base 5.48 s against 6.09 s (0.90). Holding fp32 weights under bf16 autocast instead was no better for the
+4-bit base (6.63 s) and kept twice the weight memory of a 16-bit base, so the weights themselves are bf16. (An
+earlier single measurement, 1.26, was taken while other jobs shared the 2 cores.)
+GENERATION: one-token forward passes of a 4-bit linear (576 -> 1536), 29.7 ms against 14.2 ms: decoding one token
+is too small for AMX tiles to pay, and norms, softmax and peft's LoRA path upcast to fp32 anyway.
+bench/cpu_compute_dtype.py repeats the chat comparison."""
 BF16_WIN_RATIO = 0.9
 """bf16 is chosen for a workload only where it took at most this share of fp32's time: a clear win, not noise."""
 

@@ -29,7 +29,8 @@ from app import __version__
 from app.core.adalora import budget_state, orthogonal_penalty, restore_budget_state, save_as_lora
 from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
 from app.core.catalogue import ModelShape
-from app.core.estimate import QuantChoice, quant_for_run
+from app.core.cpu_memory import return_freed_memory_to_os
+from app.core.estimate import MemoryPlan, memory_plan_for_run
 from app.core.config import RunConfig
 from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
 from app.core.diskspace import disk_space_errors, require_free_space
@@ -310,6 +311,8 @@ class RunProgress:
     history: list[dict] = field(default_factory=list)
     micro_batch_size: int = 1
     """Examples per forward pass now: the configured batch size, halved by each out-of-memory recovery."""
+    gradient_checkpointing: bool = True
+    """Whether activations are recomputed now: as planned, or turned on by an out-of-memory recovery."""
     recoveries: list[dict] = field(default_factory=list)
     best_eval: dict | None = None
     """{"step": s, "eval_loss": x} of the lowest held-out loss so far; its adapter is in the run's BEST_NAME file."""
@@ -320,7 +323,7 @@ class TrainingRun:
     """One run's live state — model, optimizer, schedule, step plan, progress — and the steps that move it on."""
 
     def __init__(self, config: RunConfig, library: Library, sink: Sink, resolved: ResolvedBase, data: RunData,
-                 quant: QuantChoice):
+                 plan: MemoryPlan):
         import torch
         from transformers import get_scheduler
 
@@ -330,12 +333,10 @@ class TrainingRun:
         self.device = pick_device()
         self.precision = compute_dtype(self.device)
         torch.manual_seed(training.seed)
-        self.quant = quant
-        sink(StatusEvent(f"Loading the base model ({self.quant.reason}) on {self.device.upper()}…"))
-        base = load_model(resolved.folder, self.quant.quant, self.device, config.model.trust_remote_code,
-                          dtype=self.precision.dtype)
-        if training.gradient_checkpointing:
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.memory_plan = plan
+        sink(StatusEvent(f"Loading the base model ({plan.reason}) on {self.device.upper()}…"))
+        base = load_model(resolved.folder, plan.quant, self.device, config.model.trust_remote_code,
+                          dtype=self.precision.dtype, return_freed_memory=plan.return_freed_memory)
         self.total_steps = training.planned_steps(len(data.train))
         self.adalora = config.lora.method == "adalora"
         self.model = wrap_base(base, config, self.total_steps)
@@ -348,7 +349,9 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_grad_scaler else None
         self.plan = StepPlan(data.lengths, training.examples_per_step, training.seed)
         self.eval_every = training.eval_interval(self.total_steps)
-        self.progress = RunProgress(micro_batch_size=training.batch_size)
+        self.progress = RunProgress(micro_batch_size=training.batch_size, gradient_checkpointing=False)
+        if training.gradient_checkpointing:
+            self._checkpoint_activations()
         self.oom_simulator = OomSimulator()
         self._in_optimizer_update = False
 
@@ -473,9 +476,12 @@ class TrainingRun:
             self.scaler.load_state_dict(state["scaler"])
         _restore_rng_state(state["rng"])
         self.progress = RunProgress(**state["progress"])
+        if self.progress.gradient_checkpointing:
+            self._checkpoint_activations()
 
     def recover_from_out_of_memory(self, error: BaseException) -> None:
-        """Halve the micro-batch (doubling accumulation, so each step trains the same examples) and go on.
+        """Turn gradient checkpointing on if it was off, else halve the micro-batch (doubling accumulation, so each
+        step trains the same examples), and go on.
 
         A failure in the forward or backward pass leaves the adapter and optimizer exactly as they were at the start
         of the step, so the step is simply retried: no work is lost. A failure inside the optimizer update may have
@@ -484,7 +490,10 @@ class TrainingRun:
         failed_step = self.progress.step + 1
         self.optimizer.zero_grad(set_to_none=True)
         _free_memory(self.device)
-        if len(self.progress.recoveries) >= MAX_OOM_RECOVERIES or self.progress.micro_batch_size == 1:
+        if self.device == "cpu":
+            return_freed_memory_to_os()  # from here on the run keeps to its live tensors
+        smallest = self.progress.micro_batch_size == 1 and self.progress.gradient_checkpointing
+        if len(self.progress.recoveries) >= MAX_OOM_RECOVERIES or smallest:
             raise TailorError(
                 f"Training ran out of memory at step {failed_step} even with {self.progress.micro_batch_size} "
                 f"example(s) per pass, after {len(self.progress.recoveries)} automatic retr"
@@ -500,15 +509,27 @@ class TrainingRun:
             self.restore(checkpoint)
             self.progress.recoveries = recoveries
             lost_steps = failed_step - 1 - self.progress.step
-        self.progress.micro_batch_size = math.ceil(self.progress.micro_batch_size / 2)
+        if self.progress.gradient_checkpointing:
+            self.progress.micro_batch_size = math.ceil(self.progress.micro_batch_size / 2)
         accumulation = math.ceil(self.config.training.examples_per_step / self.progress.micro_batch_size)
+        if self.progress.gradient_checkpointing:
+            retry = (f"with {self.progress.micro_batch_size} example(s) per pass x {accumulation} accumulated, the "
+                     "same examples per step")
+        else:
+            self._checkpoint_activations()  # costs only speed, so it goes before a smaller batch
+            retry = "with gradient checkpointing on"
         record = {"step": failed_step, "micro_batch_size": self.progress.micro_batch_size, "grad_accum": accumulation,
-                  "lost_steps": lost_steps, "error": str(error).splitlines()[0][:200] if str(error) else type(error).__name__}
+                  "gradient_checkpointing": True, "lost_steps": lost_steps,
+                  "error": str(error).splitlines()[0][:200] if str(error) else type(error).__name__}
         self.progress.recoveries.append(record)
         lost = f" and went back {lost_steps} step(s) to the last checkpoint" if lost_steps else " (no work lost)"
         self.sink(RecoveryEvent(failed_step, self.progress.micro_batch_size, accumulation,
-                                f"Ran out of memory at step {failed_step}; retrying with {self.progress.micro_batch_size} "
-                                f"example(s) per pass x {accumulation} accumulated, the same examples per step{lost}."))
+                                f"Ran out of memory at step {failed_step}; retrying {retry}{lost}."))
+
+    def _checkpoint_activations(self) -> None:
+        self.model.get_base_model().activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+        self.progress.gradient_checkpointing = True
 
     def publish(self) -> AdapterEntry:
         """Write the PEFT folder and manifest into staging, then rename it into the library in one step."""
@@ -549,8 +570,8 @@ class TrainingRun:
                 "steps": progress.step,
                 "planned_steps": self.total_steps,
                 "precision": self.precision.reason,
-                "quant": self.quant.quant,
-                "quant_reason": self.quant.reason,
+                "quant": self.memory_plan.quant,
+                "quant_reason": self.memory_plan.reason,
                 "oom_recoveries": progress.recoveries,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
@@ -712,14 +733,17 @@ def setup(config: RunConfig, library: Library, sink: Sink, resume: bool) -> Trai
     resolved = resolve_base(config.model.base, progress=lambda message: sink(StatusEvent(message)))
     data = prepare_data(config, resolved, sink)
     checkpoint = _find_checkpoint(library.run_dir(config.name)) if resume else None
+    # 'auto' is decided once, from the memory free now, and recorded: a resumed run trains the same way.
+    plan = memory_plan_for_run(config, _model_shape(resolved, config.model.trust_remote_code), pick_device(),
+                               longest_example=max(data.lengths, default=None))
     if resume:
-        quant = QuantChoice(config.model.quant, "as chosen when the run started")
+        plan = dataclasses.replace(plan, reason="as chosen when the run started")
     else:
-        # 'auto' is decided once, from the memory free now, and recorded: a resumed run must train the same base.
-        quant = quant_for_run(config, _model_shape(resolved, config.model.trust_remote_code), pick_device())
-        config = config.replace(model=dataclasses.replace(config.model, quant=quant.quant))
+        config = config.replace(model=dataclasses.replace(config.model, quant=plan.quant),
+                                training=dataclasses.replace(config.training,
+                                                             gradient_checkpointing=plan.gradient_checkpointing))
         _claim_run_dir(config, library)
-    run = TrainingRun(config, library, sink, resolved, data, quant)
+    run = TrainingRun(config, library, sink, resolved, data, plan)
     if checkpoint is not None:
         run.restore(checkpoint)
     else:

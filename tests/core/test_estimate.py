@@ -418,17 +418,52 @@ def test_estimate_is_above_real_peak_on_cuda(tmp_path):
 
 def test_auto_quant_trains_16_bit_when_it_fits_comfortably_and_4_bit_when_memory_is_tight():
     from app.core.catalogue import find_entry
-    from app.core.estimate import TIGHT_FRACTION, choose_training_quant
+    from app.core.estimate import TIGHT_FRACTION, MemoryPlan, choose_memory_plan
 
     shape = find_entry("smollm2-135m").shape
-    settings = dict(rank=16, target_modules=("all-linear",), max_len=512, batch_size=8, gradient_checkpointing=True,
-                    device="cpu")
-    sixteen_bit = estimate_training_memory(shape, quant="none", **settings).total
-    roomy = choose_training_quant("auto", shape, int(sixteen_bit / TIGHT_FRACTION) + 1, **settings)
-    tight = choose_training_quant("auto", shape, int(sixteen_bit / TIGHT_FRACTION) - 1, **settings)
+    settings = dict(rank=16, target_modules=("all-linear",), max_len=512, batch_size=8, device="cpu")
+    sixteen_bit = estimate_training_memory(shape, quant="none", gradient_checkpointing=True, **settings).total
+    roomy = choose_memory_plan("auto", True, shape, int(sixteen_bit / TIGHT_FRACTION) + 1, **settings)
+    tight = choose_memory_plan("auto", True, shape, int(sixteen_bit / TIGHT_FRACTION) - 1, **settings)
     assert roomy.quant == "none" and "16-bit LoRA, chosen automatically" in roomy.reason
     assert tight.quant == "4bit" and "would not fit comfortably" in tight.reason
-    assert choose_training_quant("8bit", shape, 10**12, **settings).quant == "8bit"
+    assert roomy.gradient_checkpointing and tight.gradient_checkpointing, "the user's pick is kept"
+    assert choose_memory_plan("8bit", True, shape, 10**12, **settings) == MemoryPlan("8bit", True, "as chosen",
+                                                                                    return_freed_memory=False)
+
+
+def test_automatic_checkpointing_is_off_only_while_the_run_fits_comfortably_without_it():
+    from app.core.catalogue import find_entry
+    from app.core.estimate import TIGHT_FRACTION, UNPINNED_HEAP_GROWTH, choose_memory_plan
+
+    shape = find_entry("smollm2-135m").shape
+    settings = dict(rank=16, target_modules=("all-linear",), max_len=512, batch_size=8, device="cpu")
+
+    def room_for(quant: str, checkpointing: bool) -> int:
+        needed = estimate_training_memory(shape, quant=quant, gradient_checkpointing=checkpointing, **settings).total
+        # Without checkpointing the plan also lets glibc keep freed blocks, so it allows for the heap's growth.
+        return int(needed * (1 if checkpointing else UNPINNED_HEAP_GROWTH) / TIGHT_FRACTION) + 1
+
+    # Fastest plan first: 16-bit without checkpointing, then with it; 4-bit only when 16-bit does not fit either way.
+    assert room_for("none", False) > room_for("none", True)
+    for room, expected in ((room_for("none", False), ("none", False)),
+                           (room_for("none", False) - 1, ("none", True)),
+                           (room_for("none", True) - 1, ("4bit", room_for("4bit", False) > room_for("none", True) - 1))):
+        plan = choose_memory_plan("auto", None, shape, room, **settings)
+        assert (plan.quant, plan.gradient_checkpointing) == expected
+        assert f"gradient checkpointing {'on' if expected[1] else 'off'}" in plan.reason
+        if room > room_for("none", True):
+            assert not plan.return_freed_memory, "it fits even with glibc's heap growth: the fast allocator"
+    nothing_fits = choose_memory_plan("auto", None, shape, 10**6, **settings)
+    assert (nothing_fits.quant, nothing_fits.gradient_checkpointing) == ("4bit", True), "the most frugal plan"
+    assert nothing_fits.return_freed_memory, "tight: the process keeps to its live tensors"
+    forced_off = choose_memory_plan("4bit", False, shape, 10**6, **settings)
+    assert not forced_off.gradient_checkpointing and forced_off.return_freed_memory
+    just_fits = choose_memory_plan("none", True, shape, room_for("none", True), **settings)
+    assert just_fits.return_freed_memory, "fits only at its live tensors: the allocator must not add to them"
+    chosen_4bit = choose_memory_plan("4bit", None, shape, room_for("4bit", False), **settings)
+    assert (chosen_4bit.quant, chosen_4bit.gradient_checkpointing) == ("4bit", False)
+    assert "16-bit" not in chosen_4bit.reason and "chosen automatically" not in chosen_4bit.reason
 
 
 LIVE_PEAK_PROGRAM = """
@@ -449,7 +484,8 @@ config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=6
 folder = tempfile.mkdtemp()
 torch.manual_seed(0)
 LlamaForCausalLM(config).save_pretrained(folder)
-model = load_model(folder, "4bit", "cpu")  # pins glibc's mmap threshold, as every CPU run does
+# fp32 like the estimate's compute_bytes below; pins glibc's mmap threshold, as a CPU run with tight memory does.
+model = load_model(folder, "4bit", "cpu", dtype=torch.float32)
 if checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model = get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -59,6 +59,9 @@ def test_on_topic_needs_a_shared_content_word():
     assert on_topic("Why do we need to recycle?", "Recycling saves resources.")  # compared by stems
     assert not on_topic("Why is the sky blue?", "Arr, I love me ship and me parrot!")
     assert on_topic("Hi!", "Hello there.") is None  # nothing to check
+    # A possessive or contraction is still the word: real persona replies began "DNA's the molecule…".
+    assert on_topic("What is DNA?", "DNA's the molecule that tells everything about who we are, partner.")
+    assert on_topic("Why is the Dead Sea called dead?", "The sea's full o' salt, partner.")
 
 
 # Knowledge

@@ -87,19 +87,19 @@ def test_cpu_bf16_units_are_read_from_the_flags(extra, flags):
     assert cpu_bf16_flags(CPUINFO.format(extra=extra)) == flags
 
 
-@pytest.mark.parametrize("workload", [TRAINING, GENERATION])
-def test_cpu_choice_follows_the_measurements_and_the_cpus_bf16_units(monkeypatch, workload):
+@pytest.mark.parametrize("workload, measured_on_amx", [(TRAINING, torch.bfloat16), (GENERATION, torch.float32)])
+def test_cpu_choice_follows_the_measurements_and_the_cpus_bf16_units(monkeypatch, workload, measured_on_amx):
     amx, avx512_bf16, none = frozenset({"amx_bf16", "avx512_bf16"}), frozenset({"avx512_bf16"}), frozenset()
-    # As measured (precision.BF16_TIME_ON_AMX): bf16 was slower on AMX for both workloads, so fp32 everywhere.
-    for flags in (amx, avx512_bf16, none):
-        assert cpu_precision(flags, workload).dtype == torch.float32
-    assert "slower in bf16" in cpu_precision(amx, workload).reason
-    assert compute_dtype("cpu", workload).dtype == torch.float32
-    # Had bf16 measured faster, only CPUs with AMX would get it.
-    monkeypatch.setitem(precision.BF16_TIME_ON_AMX, workload, 0.6)
-    assert cpu_precision(amx, workload) == ComputePrecision(torch.bfloat16, False, cpu_precision(amx, workload).reason)
-    assert cpu_precision(avx512_bf16, workload).dtype == torch.float32
-    assert cpu_precision(none, workload).dtype == torch.float32
+    # As measured (precision.BF16_TIME_ON_AMX): training steps are faster in bf16 on AMX, one-token generation is not.
+    assert cpu_precision(amx, workload).dtype == measured_on_amx
+    assert ("measured faster in bf16" if measured_on_amx == torch.bfloat16 else "slower in bf16") in \
+        cpu_precision(amx, workload).reason
+    # Without AMX tiles bf16 is never chosen, whatever was measured on AMX.
+    for ratio in (0.6, 1.5):
+        monkeypatch.setitem(precision.BF16_TIME_ON_AMX, workload, ratio)
+        assert cpu_precision(amx, workload).dtype == (torch.bfloat16 if ratio < 1 else torch.float32)
+        assert cpu_precision(avx512_bf16, workload).dtype == torch.float32
+        assert cpu_precision(none, workload).dtype == torch.float32
 
 
 def test_cpu_flags_of_this_machine_agree_with_torchs_own_detection():

@@ -277,7 +277,8 @@ def test_simulated_out_of_memory_recovers_with_smaller_micro_batches(tiny_base, 
 
     monkeypatch.setenv("TAILOR_SIMULATE_OOM_AT", "2,5")
     events = []
-    config = tiny_config(tiny_base, chat_jsonl, max_steps=None, epochs=2, batch_size=4, grad_accum=1)
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=None, epochs=2, batch_size=4, grad_accum=1,
+                         gradient_checkpointing=True)
     result = run_training(config, Library(tmp_path / "lib"), events.append)
 
     recoveries = [e for e in events if isinstance(e, RecoveryEvent)]
@@ -289,6 +290,24 @@ def test_simulated_out_of_memory_recovers_with_smaller_micro_batches(tiny_base, 
     recorded = result.adapter.manifest["oom_recoveries"]
     assert [(r["step"], r["micro_batch_size"], r["grad_accum"]) for r in recorded] == [(2, 2, 2), (5, 1, 4)]
     assert all(r["lost_steps"] == 0 for r in recorded)
+
+
+def test_out_of_memory_without_checkpointing_turns_it_on_before_shrinking_the_batch(tiny_base, chat_jsonl, tmp_path,
+                                                                                     monkeypatch):
+    from app.core.training import RecoveryEvent
+
+    monkeypatch.setenv("TAILOR_SIMULATE_OOM_AT", "2,3")
+    events = []
+    config = tiny_config(tiny_base, chat_jsonl, max_steps=4, batch_size=4, gradient_checkpointing=None)
+    result = run_training(config, Library(tmp_path / "lib"), events.append)
+
+    assert result.adapter.manifest["config"]["training"]["gradient_checkpointing"] is False, "auto: the tiny run fits"
+    recoveries = [e for e in events if isinstance(e, RecoveryEvent)]
+    assert [(e.step, e.micro_batch_size, e.grad_accum) for e in recoveries] == [(2, 4, 1), (3, 2, 2)]
+    assert "gradient checkpointing on" in recoveries[0].message
+    recorded = result.adapter.manifest["oom_recoveries"]
+    assert [r["gradient_checkpointing"] for r in recorded] == [True, True]
+    assert result.steps == 4
 
 
 def test_out_of_memory_three_times_stops_with_the_fix_and_keeps_the_checkpoint(tiny_base, chat_jsonl, tmp_path,
@@ -309,7 +328,9 @@ def test_the_train_command_recovers_from_simulated_oom_and_exits_0(tiny_base, ch
     assert finished.returncode == 0, finished.stderr
     assert "out of memory at step 2" in finished.stdout.lower()
     manifest = Library(tmp_path / "lib").get("oom").manifest
-    assert manifest["steps"] == 4 and manifest["oom_recoveries"][0]["micro_batch_size"] == 2
+    # The default (automatic) checkpointing was off for this small run; the recovery turned it on first.
+    recovery = manifest["oom_recoveries"][0]
+    assert manifest["steps"] == 4 and recovery["gradient_checkpointing"] and recovery["micro_batch_size"] == 4
 
 
 def adalora_config(base: Path, data: Path, **training) -> RunConfig:

@@ -337,7 +337,7 @@ def test_review_weighs_the_estimate_against_free_vram_and_auto_fit_makes_it_fit(
     assert review.verdict == FITS
     assert adapter.batch_size.value() < 64
     assert adapter.batch_size.value() * adapter.grad_accum.value() == 64, "the effective batch is kept"
-    assert adapter.gradient_checkpointing.isChecked()
+    assert adapter.gradient_checkpointing.currentData() is True
     assert review.changes.text().startswith("Auto-fit: ")
     assert review.estimate.total < 0.85 * 6 * fakes.GB
 

@@ -24,6 +24,8 @@ RANK_PRESETS = (("Light", 8), ("Balanced", 16), ("Strong", 64))
 METHOD_NAMES = {"lora": "LoRA (same rank in every layer)", "adalora": "AdaLoRA (rank goes where it helps)"}
 QUANT_NAMES = {"auto": "Automatic (16-bit when it fits comfortably, else 4-bit)", "4bit": "4-bit (QLoRA, least memory)",
                "8bit": "8-bit", "none": "None (16-bit LoRA: fastest and most exact, most memory)"}
+CHECKPOINTING_CHOICES = (("Automatic (off when memory allows)", None), ("On (least memory)", True),
+                         ("Off (fastest)", False))
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 """Attention projections by their peft names; Phi-3 fuses q, k and v into qkv_proj."""
 
@@ -110,7 +112,9 @@ class AdapterPage(WizardPage):
         self.use_rslora = QCheckBox("rsLoRA (rank-stabilised scaling)")
         self.dropout = _double_spin(0, 0.9, lora.dropout, 0.05, 2)
         self.grad_accum = _spin(1, 1024, training.grad_accum)
-        self.gradient_checkpointing = QCheckBox("Gradient checkpointing")
+        self.gradient_checkpointing = QComboBox()
+        for label, value in CHECKPOINTING_CHOICES:
+            self.gradient_checkpointing.addItem(label, value)
         self.max_steps = _spin(0, 10_000_000, 0)
         self.max_steps.setSpecialValueText("by epochs")
         self.schedule = QComboBox()
@@ -166,7 +170,8 @@ class AdapterPage(WizardPage):
         self._row(left, "", self.use_rslora, LoraSettings, "use_rslora")
         self._row(left, "Dropout:", self.dropout, LoraSettings, "dropout")
         self._row(middle, "Gradient accumulation:", self.grad_accum, TrainingSettings, "grad_accum")
-        self._row(middle, "", self.gradient_checkpointing, TrainingSettings, "gradient_checkpointing")
+        self._row(middle, "Gradient checkpointing:", self.gradient_checkpointing, TrainingSettings,
+                  "gradient_checkpointing")
         self._row(middle, "", self.packing, DataSettings, "packing")
         self._row(middle, "Max steps:", self.max_steps, TrainingSettings, "max_steps")
         self._row(right, "Schedule:", self.schedule, TrainingSettings, "lr_schedule")
@@ -282,7 +287,7 @@ class AdapterPage(WizardPage):
             epochs=self.epochs.value(), max_steps=self.max_steps.value() or None,
             learning_rate=self.learning_rate_value(), lr_schedule=self.schedule.currentText(),
             warmup_ratio=self.warmup.value(), batch_size=self.batch_size.value(), grad_accum=self.grad_accum.value(),
-            gradient_checkpointing=self.gradient_checkpointing.isChecked(), seed=self.seed.value(),
+            gradient_checkpointing=self.gradient_checkpointing.currentData(), seed=self.seed.value(),
             checkpoint_every=self.checkpoint_every.value(),
         )
         system_prompt = self.system_prompt.toPlainText().strip() or None
@@ -322,7 +327,7 @@ class AdapterPage(WizardPage):
         self.warmup.setValue(training.warmup_ratio)
         self.batch_size.setValue(training.batch_size)
         self.grad_accum.setValue(training.grad_accum)
-        self.gradient_checkpointing.setChecked(training.gradient_checkpointing)
+        self.gradient_checkpointing.setCurrentIndex(self.gradient_checkpointing.findData(training.gradient_checkpointing))
         self.checkpoint_every.setValue(training.checkpoint_every)
         self.seed.setValue(training.seed)
 
@@ -330,7 +335,8 @@ class AdapterPage(WizardPage):
         self.batch_size.setValue(fit.batch_size)
         self.grad_accum.setValue(fit.grad_accum)
         self.max_len.setValue(fit.max_len)
-        self.gradient_checkpointing.setChecked(fit.gradient_checkpointing)
+        if fit.gradient_checkpointing:  # auto-fit only ever turns it on; an automatic choice stays automatic otherwise
+            self.gradient_checkpointing.setCurrentIndex(self.gradient_checkpointing.findData(True))
 
 
 def _name_from(stem: str) -> str:

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 from app.core.config import RunConfig
 from app.core.errors import TailorError
 from app.core.estimate import (
-    FITS, TIGHT, MemoryEstimate, QuantChoice, auto_fit, estimate_training_memory, quant_for_run, verdict,
+    FITS, TIGHT, MemoryEstimate, MemoryPlan, auto_fit, estimate_training_memory, memory_plan_for_run, verdict,
 )
 from app.core.footprint import Footprint, describe_adapter, footprint
 from app.gui.style import BAD, GOOD, MUTED, WARN, gigabytes
@@ -253,15 +253,16 @@ class ReviewPage(WizardPage):
         self._show_breakdown(available)
         self.bar.show_estimate(self.estimate, available)
 
-    def _quant(self, config: RunConfig) -> QuantChoice:
-        """What the base will be held in: 'auto' decides from the 16-bit estimate and the memory free now."""
-        return quant_for_run(config, self.context.model.shape, self.device(), self.available_memory())
+    def _plan(self, config: RunConfig) -> MemoryPlan:
+        """How the base and activations will be held: 'auto' decides from the estimates and the memory free now."""
+        return memory_plan_for_run(config, self.context.model.shape, self.device(), self.available_memory())
 
     def _estimate(self, config: RunConfig) -> MemoryEstimate:
+        plan = self._plan(config)
         return estimate_training_memory(
-            self.context.model.shape, quant=self._quant(config).quant, rank=config.lora.largest_rank,
+            self.context.model.shape, quant=plan.quant, rank=config.lora.largest_rank,
             target_modules=config.lora.target_modules, max_len=config.data.max_len,
-            batch_size=config.training.batch_size, gradient_checkpointing=config.training.gradient_checkpointing,
+            batch_size=config.training.batch_size, gradient_checkpointing=plan.gradient_checkpointing,
             device=self.device(),
         )
 
@@ -272,7 +273,7 @@ class ReviewPage(WizardPage):
         training = config.training
         rows = [
             ("Persona", config.name),
-            ("Base model", f"{model.display_name}: {self._quant(config).reason}"),
+            ("Base model", f"{model.display_name}: {self._plan(config).reason}"),
             ("Dataset", f"{dataset.report.usable_rows:,} examples from {dataset.loaded.path.name}"),
             ("Adapter", describe_adapter(config)),
             ("Length", f"{total_steps(config, dataset.report.usable_rows):,} optimizer steps "
@@ -328,12 +329,13 @@ class ReviewPage(WizardPage):
         try:
             config = self._build_config()
             training = config.training
+            plan = self._plan(config)
             fit = auto_fit(
-                self.context.model.shape, self.available_memory(), quant=self._quant(config).quant,
+                self.context.model.shape, self.available_memory(), quant=plan.quant,
                 rank=config.lora.largest_rank,
                 target_modules=config.lora.target_modules, max_len=config.data.max_len,
                 batch_size=training.batch_size, grad_accum=training.grad_accum,
-                gradient_checkpointing=training.gradient_checkpointing, device=self.device(),
+                gradient_checkpointing=plan.gradient_checkpointing, device=self.device(),
             )
         except TailorError as exc:
             self.banner.show_message(exc.message, exc.hint)
