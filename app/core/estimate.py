@@ -467,8 +467,7 @@ def memory_plan_for_run(config, shape: ModelShape, device: str, available_bytes:
     """`choose_memory_plan` for a RunConfig, against the memory free on `device` now (unless given). With the
     dataset's longest example (in tokens) known, batches are planned at that length rather than the max length: a
     persona's examples are mostly far shorter, and no batch is padded beyond its longest row."""
-    automatic = config.model.quant == "auto" or config.training.gradient_checkpointing is None
-    if available_bytes is None and automatic:
+    if available_bytes is None:
         from app.core.gpu import free_memory_bytes
 
         available_bytes = free_memory_bytes(device)
