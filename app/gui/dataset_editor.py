@@ -10,9 +10,10 @@ own when it changes, which takes a millisecond or two.
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QKeySequence, QUndoCommand, QUndoStack
@@ -95,19 +96,30 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No garbage collection while a worker builds a dataset's worth of objects (parsed rows, editor rows).
+
+    Such objects hold no cycles, so the collector finds nothing; but a full collection walks every object made
+    since the last freeze while holding the GIL, and near the end of reading 50,000 rows one takes 40 to 130 ms, a
+    stall of the window as long, measured by bench/dataset_editor_stall.py. Follow it with freeze_heap().
+    """
+    was_collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_collecting:
+            gc.enable()
+
+
 def make_rows(conversations: Sequence[Messages], lengths: Sequence[int | None] | None = None) -> list[Row]:
     """The editor's rows for a dataset. For 50,000 rows this takes 0.1 s or more, so a big dataset's rows are made on
     the worker that reads it, not on the GUI thread."""
     if lengths is None or len(lengths) != len(conversations):
         lengths = [None] * len(conversations)
-    # Rows hold no cycles; with the collector on, each full collection during the build walks every row made so far.
-    was_collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return [Row(messages, length) for messages, length in zip(conversations, lengths)]
-    finally:
-        if was_collecting:
-            gc.enable()
 
 
 def first_text(messages: Messages, role: str) -> tuple[int | None, str]:

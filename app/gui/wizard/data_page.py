@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
 
 from app.core.config import DATA_FORMATS, DataSettings
 from app.gui import settings
-from app.gui.dataset_editor import ConvertDialog, DatasetEditor, Row, freeze_heap, make_rows
+from app.gui.dataset_editor import ConvertDialog, DatasetEditor, Row, collector_paused, freeze_heap, make_rows
 from app.gui.wizard.base import DatasetInfo, WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 from app.gui.wizard.widgets import ExampleView, PathField, TokenHistogram, legend_html
@@ -45,7 +45,9 @@ def inspect_dataset(path: str, format: str, prompt_column: str | None, response_
     """Load, validate and count tokens (raises DatasetError listing bad lines). Runs on a worker thread."""
     from app.core.data import build_report, example_segments, load_dataset_file, measure_dataset
 
-    loaded = load_dataset_file(path, format, prompt_column, response_column)
+    with collector_paused():
+        loaded = load_dataset_file(path, format, prompt_column, response_column)
+    freeze_heap()
     report(f"Counting tokens in {loaded.rows:,} examples…")
     usable, lengths = measure_dataset(tokenizer, loaded, max_len, system_prompt)
     dataset_report = build_report(loaded, lengths, usable, max_len)
@@ -497,7 +499,9 @@ class DataPage(WizardPage):
         tokenizer, system_prompt = self.context.model.tokenizer, self._system_prompt()
 
         def work(report):
-            conversion = convert_export(path, source, persona, gap_hours, anonymise)
+            with collector_paused():
+                conversion = convert_export(path, source, persona, gap_hours, anonymise)
+            freeze_heap()
             report(f"Counting tokens in {len(conversion.examples):,} examples…")
             conversations = [example["messages"] for example in conversion.examples]
             lengths = token_lengths(tokenizer, conversations, system_prompt)
