@@ -102,7 +102,7 @@ def start_server(library: Path, adapters: str, max_batch: int, quant: str, threa
                                "--adapters", adapters, "--quant", quant, "--max-batch", str(max_batch)],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # a machine other jobs keep busy can take minutes to load a model
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"tailor serve exited with {server.returncode}")
@@ -112,7 +112,7 @@ def start_server(library: Path, adapters: str, max_batch: int, quant: str, threa
         except httpx.HTTPError:
             time.sleep(0.5)
     server.kill()
-    raise SystemExit("tailor serve did not start in 5 minutes")
+    raise SystemExit("tailor serve did not start in 15 minutes")
 
 
 def run_load(label: str, library: Path, personas: list[str], max_batch: int, clients: int, requests: int,
