@@ -480,8 +480,8 @@ class TrainingRun:
             self._checkpoint_activations()
 
     def recover_from_out_of_memory(self, error: BaseException) -> None:
-        """Turn gradient checkpointing on if it was off, else halve the micro-batch (doubling accumulation, so each
-        step trains the same examples), and go on.
+        """Halve the micro-batch (doubling accumulation, so each step trains the same examples), turn gradient
+        checkpointing on if it was off, and go on.
 
         A failure in the forward or backward pass leaves the adapter and optimizer exactly as they were at the start
         of the step, so the step is simply retried: no work is lost. A failure inside the optimizer update may have
@@ -492,8 +492,8 @@ class TrainingRun:
         _free_memory(self.device)
         if self.device == "cpu":
             return_freed_memory_to_os()  # from here on the run keeps to its live tensors
-        smallest = self.progress.micro_batch_size == 1 and self.progress.gradient_checkpointing
-        if len(self.progress.recoveries) >= MAX_OOM_RECOVERIES or smallest:
+        nothing_left = self.progress.micro_batch_size == 1 and self.progress.gradient_checkpointing
+        if len(self.progress.recoveries) >= MAX_OOM_RECOVERIES or nothing_left:
             raise TailorError(
                 f"Training ran out of memory at step {failed_step} even with {self.progress.micro_batch_size} "
                 f"example(s) per pass, after {len(self.progress.recoveries)} automatic retr"
@@ -509,15 +509,18 @@ class TrainingRun:
             self.restore(checkpoint)
             self.progress.recoveries = recoveries
             lost_steps = failed_step - 1 - self.progress.step
-        if self.progress.gradient_checkpointing:
+        can_halve = self.progress.micro_batch_size > 1
+        changes = []
+        if not self.progress.gradient_checkpointing:
+            self._checkpoint_activations()
+            changes.append("gradient checkpointing on")
+        if can_halve:
             self.progress.micro_batch_size = math.ceil(self.progress.micro_batch_size / 2)
         accumulation = math.ceil(self.config.training.examples_per_step / self.progress.micro_batch_size)
-        if self.progress.gradient_checkpointing:
-            retry = (f"with {self.progress.micro_batch_size} example(s) per pass x {accumulation} accumulated, the "
-                     "same examples per step")
-        else:
-            self._checkpoint_activations()  # costs only speed, so it goes before a smaller batch
-            retry = "with gradient checkpointing on"
+        if can_halve:
+            changes.append(f"{self.progress.micro_batch_size} example(s) per pass x {accumulation} accumulated, the "
+                           "same examples per step")
+        retry = "with " + (" and ".join(changes) or "the same settings, from the checkpoint")
         record = {"step": failed_step, "micro_batch_size": self.progress.micro_batch_size, "grad_accum": accumulation,
                   "gradient_checkpointing": True, "lost_steps": lost_steps,
                   "error": str(error).splitlines()[0][:200] if str(error) else type(error).__name__}
