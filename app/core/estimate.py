@@ -358,7 +358,7 @@ def _describe_changes(requested: tuple[int, int, int, bool], chosen: tuple[int, 
     (batch, accum, length, checkpointing), (new_batch, new_accum, new_length, new_checkpointing) = requested, chosen
     changes = []
     if new_checkpointing and not checkpointing:
-        changes.append("Turned on gradient checkpointing (much less memory, about a third slower).")
+        changes.append("Turned on gradient checkpointing (much less memory, slower steps).")
     if new_batch != batch:
         changes.append(f"Batch size {batch} → {new_batch} with gradient accumulation {accum} → {new_accum} "
                        f"(effective batch {batch * accum} → {new_batch * new_accum}).")
