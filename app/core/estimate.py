@@ -440,14 +440,16 @@ def choose_memory_plan(requested_quant: str, requested_checkpointing: bool | Non
                                                 max_len=max_len, batch_size=batch_size,
                                                 gradient_checkpointing=plan[1], device=device)
                  for plan in plans}
-    def fits(plan, heap_growth: float = 1.0) -> bool:
-        return verdict(estimates[plan].total * heap_growth, available_bytes) == FITS
+    heap_growth = UNPINNED_HEAP_GROWTH if device == "cpu" else 1.0  # glibc's heap; CUDA memory is torch's own
+
+    def fits(plan, growth: float = 1.0) -> bool:
+        return verdict(estimates[plan].total * growth, available_bytes) == FITS
 
     # Skipping checkpointing is for speed, so it is only planned where glibc may keep freed blocks too (the faster
     # allocator); with checkpointing, a plan that fits only at the live tensors keeps to them.
-    fitting = [plan for plan in plans if fits(plan, 1.0 if plan[1] else UNPINNED_HEAP_GROWTH)]
+    fitting = [plan for plan in plans if fits(plan, 1.0 if plan[1] else heap_growth)]
     quant, on = fitting[0] if fitting else plans[-1]
-    return_freed_memory = not fits((quant, on), UNPINNED_HEAP_GROWTH)
+    return_freed_memory = not fits((quant, on), heap_growth)
     parts = []
     if requested_quant == "auto":
         parts.append("16-bit LoRA, chosen automatically: it fits comfortably, and is faster and more exact than 4-bit"
