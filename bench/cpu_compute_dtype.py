@@ -2,8 +2,9 @@
 
 The reference is fp32, what Tailor used on every CPU before; the candidate is bf16 for both the model's own tensors
 and bitsandbytes' 4-bit compute dtype (`bnb_4bit_compute_dtype`). bf16 can only win where the CPU multiplies bf16
-natively (AMX tiles or AVX512-BF16); elsewhere PyTorch emulates it and it loses. The numbers decide what
-`app.core.precision.compute_dtype` picks on the CPU.
+natively (AMX tiles or AVX512-BF16); elsewhere PyTorch emulates it and it loses. Its chat numbers decide what
+`app.core.precision.compute_dtype` picks for generation on the CPU; for training, Tailor's own trainer measured in
+bench/trainer_levers.py decides (this file's hand-written training loop is a quick cross-check).
 
 Training: the same real persona examples (the pirate dataset, chat template, batch of 4, gradient checkpointing, LoRA
 r16 on all linears), forward through the decoder and the output head, backward, AdamW step. Chat: greedy generation

@@ -57,7 +57,7 @@ own process, 2026-11-29): 4-bit base 5.33 s in bf16 against 6.43 s in fp32, and 
 earlier single measurement, 1.26, was taken while other jobs shared the 2 cores.)
 GENERATION: one-token forward passes of a 4-bit linear (576 -> 1536), 29.7 ms against 14.2 ms: decoding one token
 is too small for AMX tiles to pay, and norms, softmax and peft's LoRA path upcast to fp32 anyway.
-bench/cpu_compute_dtype.py repeats the chat comparison."""
+bench/trainer_levers.py repeats the training comparison, bench/cpu_compute_dtype.py the chat one."""
 BF16_WIN_RATIO = 0.9
 """bf16 is chosen for a workload only where it took at most this share of fp32's time: a clear win, not noise."""
 
