@@ -42,6 +42,7 @@ CANDIDATES = {
     "lr1e-3": ["--lr", "1e-3", "--epochs", "2"],
     "lr5e-4-ep3": ["--lr", "5e-4", "--epochs", "3"],
     "lr1e-3-ep3": ["--lr", "1e-3", "--epochs", "3"],
+    "lr2e-3": ["--lr", "2e-3", "--epochs", "2"],
     "lr1e-3-bs4": ["--lr", "1e-3", "--epochs", "2", "--batch-size", "4"],
     "lr1e-3-drop0": ["--lr", "1e-3", "--epochs", "2", "--dropout", "0"],
     "lr1e-3-r8": ["--lr", "1e-3", "--epochs", "2", "--rank", "8", "--alpha", "16"],

@@ -3,7 +3,8 @@ changed at a time, against the trainer's previous defaults measured in the same 
 
 Levers: gradient checkpointing (on / off), LoRA dropout (0.05 / 0), compute dtype on the CPU (fp32 / bf16, where
 the CPU has AMX), glibc's allocator (mmap threshold pinned so freed memory goes straight back to the OS, or left to
-glibc so freed blocks are reused) and the base's precision (16-bit / 4-bit). The reference row is the trainer as it
+glibc so freed blocks are reused), the LoRA forward (peft's, or app.core.fused_lora's) and the base's precision
+(16-bit / 4-bit). The reference row is the trainer as it
 shipped before these levers: fp32, dropout 0.05, checkpointing on, allocator pinned, 16-bit base. Each configuration
 runs in its own process on the cowboy persona (batch 8, rank 16 on all linears, no held-out split), and is timed from
 the end of its first step (warm-up) to the end of the last; peak RSS is the process's own.
@@ -26,16 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATASET = REPO / "resources" / "datasets" / "cowboy.jsonl"
 
-REFERENCE = {"checkpointing": True, "dropout": 0.05, "bf16": False, "pinned": True, "quant": "none"}
+REFERENCE = {"checkpointing": True, "dropout": 0.05, "bf16": False, "pinned": True, "quant": "none", "fused": False}
+NEW_DEFAULTS = {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False, "fused": True}
 VARIANTS = {
     "previous defaults (reference)": {},
     "checkpointing off": {"checkpointing": False},
     "+ dropout 0": {"checkpointing": False, "dropout": 0.0},
     "+ bf16 (AMX)": {"checkpointing": False, "dropout": 0.0, "bf16": True},
-    "+ allocator unpinned (new defaults)": {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False},
-    "new defaults, checkpointing on": {"dropout": 0.0, "bf16": True, "pinned": False},
-    "new defaults, 4-bit base": {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False,
-                                 "quant": "4bit"},
+    "+ allocator unpinned": {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False},
+    "+ fused LoRA forward (new defaults)": NEW_DEFAULTS,
+    "new defaults, checkpointing on": {**NEW_DEFAULTS, "checkpointing": True},
+    "new defaults, 4-bit base": {**NEW_DEFAULTS, "quant": "4bit"},
 }
 
 
@@ -52,6 +54,8 @@ def measure(settings: dict, steps: int) -> dict:
     bf16 = settings["bf16"] and precision.CPU_BF16_UNIT in precision.cpu_bf16_flags()
     precision._cpu_precision_here = lambda workload: precision.ComputePrecision(
         torch.bfloat16 if bf16 else torch.float32, False, "set by the benchmark")
+    if not settings["fused"]:
+        training.fuse_lora_layers = lambda model: 0
     training.memory_plan_for_run = lambda *args, **kwargs: MemoryPlan(
         settings["quant"], settings["checkpointing"], "set by the benchmark", return_freed_memory=settings["pinned"])
     marks: list[float] = []

@@ -90,6 +90,11 @@ class LoraSettings:
     deltaT: int = 1
     """AdaLoRA: optimizer steps between two reallocations of the rank budget during the pruning phase."""
 
+    @property
+    def fused_forward(self) -> bool:
+        """Whether training runs app.core.fused_lora's forward (plain LoRA without dropout) rather than peft's."""
+        return self.method == "lora" and self.dropout == 0 and not self.use_dora
+
     def __post_init__(self) -> None:
         _require(isinstance(self.rank, int) and 1 <= self.rank <= 1024, f"LoRA rank must be 1-1024, not {self.rank}.")
         _require(self.alpha > 0, f"LoRA alpha must be positive, not {self.alpha}.")

@@ -24,19 +24,20 @@ noted (checked against the tensors autograd really saves for a Llama block, abou
     * attention: 5 x heads x head_dim (q, k and v expanded to every head, the output, o_proj's input), the fp32
       log-sum-exp per head, and the attention mask (one value per key position);
     * MLP: 4 x intermediate (gate, its activation, up, and their product);
-    * LoRA, per targeted linear: its input once more in fp32 (peft casts to the adapter dtype, then dropout copies
-      it when dropout is above zero; counted always, to stay on the safe side) plus a 1-byte dropout mask, and the
-      rank-wide A output in fp32.
+    * LoRA, per targeted linear: with Tailor's fused forward (plain LoRA, dropout 0: the default) only the rank-wide
+      A output in the compute dtype; through peft's forward (dropout, DoRA, AdaLoRA) its input once more in fp32
+      (peft casts to the adapter dtype, then dropout copies it; counted even where the cast is a no-op, to stay on
+      the safe side) plus a 1-byte dropout mask, and the rank-wide A output in fp32.
   Gemma 2 has no fused attention kernel (its logit soft-capping needs the eager path), so its heads x length
   attention scores are kept too, in fp32 and the compute dtype.
 Without gradient checkpointing every block's activations stay saved until the backward pass reaches that block; with
 it only each block's input (hidden x compute dtype per token) is kept, and one block at a time is recomputed.
 
 On top of what is saved, the backward pass has two transient peaks that never overlap, so only the larger counts:
-- The loss. Tailor applies the output head only at trained tokens (labels that are not masked), so the logits are
-  trained_tokens x vocab, not length x vocab. Its backward holds three fp32 values per logit at once: the saved
-  log-softmax, the gradient flowing into it and the gradient of the logits (12 bytes; the compute-dtype logits of
-  the forward pass are freed by then). Every logit tensor is freed before the backward pass enters the last block.
+- The loss. Tailor applies the output head only at trained tokens (labels that are not masked), and one slice of
+  at most `loss_chunk_tokens` of them at a time (app.core.loss). A slice holds three fp32 values per logit at once:
+  the log-softmax, the gradient flowing into it and the gradient of the logits (12 bytes); beside it are the trained
+  tokens' hidden states and their gradient (what the slices keep for the backward pass). No logit outlives its slice.
 - A block's backward: the recomputed block (with checkpointing), the gradients it produces (a share of a block,
   measured), and the one dequantised copy of a linear weight that bitsandbytes makes for each 4-/8-bit matmul.
 `trained_share` is the share of a max-length example's tokens that carry a label; the default is what persona
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 from app.core.catalogue import LinearLayer, ModelShape
 from app.core.config import ALL_LINEAR, QUANT_CHOICES
 from app.core.errors import TailorError
+from app.core.loss import loss_chunk_tokens
 
 GB = 1024**3
 """GB here means 2^30 bytes: what GPU makers mean by the "8 GB" on the box and what nvidia-smi's MiB add up to."""
@@ -73,7 +75,7 @@ INT8_BYTES_PER_WEIGHT = 1.0
 FP32_BYTES = 4
 DROPOUT_MASK_BYTES = 1
 LOSS_BYTES_PER_LOGIT = 3 * FP32_BYTES
-"""Saved fp32 log-softmax + fp32 gradient into it + fp32 gradient of the logits, alive together in the backward."""
+"""fp32 log-softmax + fp32 gradient into it + fp32 gradient of the logits, alive together while a slice is computed."""
 TRAINED_SHARE = 0.75
 """Default share of a max-length example's tokens that are trained (assistant replies); see the module docstring."""
 BLOCK_BACKWARD_WORKING_SHARE = 0.5
@@ -209,14 +211,15 @@ def _base_weight_bytes(shape: ModelShape, quant: str, compute_bytes: int) -> int
 
 
 def _block_activation_bytes_per_token(shape: ModelShape, targets: tuple[LinearLayer, ...], rank: int, max_len: int,
-                                      compute_bytes: int) -> float:
+                                      compute_bytes: int, fused_lora: bool) -> float:
     hidden, attention_width = shape.hidden_size, shape.num_attention_heads * shape.head_dim
     residual = 2 * hidden * compute_bytes + shape.norms_per_block * 2 * hidden * FP32_BYTES
     attention = 5 * attention_width * compute_bytes + shape.num_attention_heads * FP32_BYTES + max_len * compute_bytes
     if shape.architecture == "gemma2":
         attention += shape.num_attention_heads * max_len * (FP32_BYTES + compute_bytes)
     mlp = 4 * shape.intermediate_size * compute_bytes
-    lora = sum(layer.in_features * (FP32_BYTES + DROPOUT_MASK_BYTES) + rank * FP32_BYTES for layer in targets)
+    lora = sum(rank * compute_bytes if fused_lora else
+               layer.in_features * (FP32_BYTES + DROPOUT_MASK_BYTES) + rank * FP32_BYTES for layer in targets)
     return residual + attention + mlp + lora
 
 
@@ -241,13 +244,15 @@ def estimate_training_memory(
     compute_bytes: int | None = None,
     trained_share: float = TRAINED_SHARE,
     checkpoint_bytes: int = CHECKPOINT_BYTES,
+    fused_lora: bool = True,
 ) -> MemoryEstimate:
     """Peak memory of a LoRA/QLoRA run with these settings (see the module docstring for what is counted).
 
     compute_bytes is the size of one value in the compute dtype; by default what Tailor computes in on that device
     (default_compute_bytes). trained_share is the share of tokens that carry a label (0-1]. checkpoint_bytes is the
     size of one weight in the model's files (2 for the bf16 safetensors models are published in, 4 for the fp32
-    folders Tailor converts GGUF files into); it matters on the CPU only, while loading.
+    folders Tailor converts GGUF files into); it matters on the CPU only, while loading. fused_lora: whether the
+    adapter trains through Tailor's fused forward (LoraSettings.fused_forward) or peft's.
     """
     if quant not in QUANT_CHOICES:
         raise TailorError(f"Quantisation must be one of {', '.join(QUANT_CHOICES)}, not '{quant}'.")
@@ -263,14 +268,15 @@ def estimate_training_memory(
     trainable = lora_param_count(shape, rank, target_modules)
     tokens = batch_size * max_len
 
-    block = tokens * _block_activation_bytes_per_token(shape, targets, rank, max_len, compute_bytes)
+    block = tokens * _block_activation_bytes_per_token(shape, targets, rank, max_len, compute_bytes, fused_lora)
     block_inputs = shape.num_hidden_layers * tokens * shape.hidden_size * compute_bytes
     # The final norm's saved fp32 input and output, and the hidden states the output head reads at trained tokens.
     final_norm = tokens * 2 * shape.hidden_size * FP32_BYTES
     saved = (block_inputs if gradient_checkpointing else shape.num_hidden_layers * block) + final_norm
 
     trained_tokens = math.ceil(tokens * trained_share)
-    logits = trained_tokens * (shape.vocab_size * LOSS_BYTES_PER_LOGIT + shape.hidden_size * compute_bytes)
+    logits = (min(trained_tokens, loss_chunk_tokens(shape.vocab_size)) * shape.vocab_size * LOSS_BYTES_PER_LOGIT
+              + 2 * trained_tokens * shape.hidden_size * compute_bytes)
     dequantised_weight = (
         max(layer.in_features * layer.out_features for layer in shape.linear_layers()) * compute_bytes
         if quant != "none" else 0
@@ -381,6 +387,7 @@ def auto_fit(
     device: str = "cuda",
     compute_bytes: int | None = None,
     trained_share: float = TRAINED_SHARE,
+    fused_lora: bool = True,
 ) -> FitSuggestion:
     """The requested settings, or the nearest ones that 'fit' (leave 15% of available_bytes spare).
 
@@ -393,7 +400,7 @@ def auto_fit(
         estimate = estimate_training_memory(
             shape, quant=quant, rank=rank, target_modules=target_modules, max_len=length, batch_size=batch,
             gradient_checkpointing=checkpointing, device=device, compute_bytes=compute_bytes,
-            trained_share=trained_share,
+            trained_share=trained_share, fused_lora=fused_lora,
         )
         if verdict(estimate.total, available_bytes) == FITS:
             return FitSuggestion(batch, accum, length, checkpointing, estimate, _describe_changes(requested, candidate))
@@ -425,7 +432,7 @@ class MemoryPlan:
 
 def choose_memory_plan(requested_quant: str, requested_checkpointing: bool | None, shape: ModelShape,
                        available_bytes: int, *, rank: int, target_modules, max_len: int, batch_size: int,
-                       device: str) -> MemoryPlan:
+                       device: str, fused_lora: bool = True) -> MemoryPlan:
     """The user's picks, with 'auto' quantisation and automatic (None) checkpointing filled in: the fastest plan
     that fits comfortably, else the most frugal one.
 
@@ -438,7 +445,8 @@ def choose_memory_plan(requested_quant: str, requested_checkpointing: bool | Non
     plans = [(quant, on) for quant in quants for on in checkpointing]
     estimates = {plan: estimate_training_memory(shape, quant=plan[0], rank=rank, target_modules=target_modules,
                                                 max_len=max_len, batch_size=batch_size,
-                                                gradient_checkpointing=plan[1], device=device)
+                                                gradient_checkpointing=plan[1], device=device,
+                                                fused_lora=fused_lora)
                  for plan in plans}
     heap_growth = UNPINNED_HEAP_GROWTH if device == "cpu" else 1.0  # glibc's heap; CUDA memory is torch's own
 
@@ -477,4 +485,5 @@ def memory_plan_for_run(config, shape: ModelShape, device: str, available_bytes:
         config.model.quant, config.training.gradient_checkpointing, shape, available_bytes or 0,
         rank=config.lora.largest_rank, target_modules=config.lora.target_modules,
         max_len=min(config.data.max_len, longest_example or config.data.max_len),
-        batch_size=config.training.batch_size, device="cuda" if device.startswith("cuda") else "cpu")
+        batch_size=config.training.batch_size, device="cuda" if device.startswith("cuda") else "cpu",
+        fused_lora=config.lora.fused_forward)

@@ -214,7 +214,7 @@ def footprint(config: RunConfig, total_steps: int = 1, device: str | None = None
         adapter_size_is_bound=lora.method == "adalora", base_params=base_params,
         full_checkpoint_bytes=base_params * bytes_per_weight,
         memory=estimate_training_memory(shape, quant=plan.quant, rank=lora.largest_rank,
-                                        target_modules=lora.target_modules, **settings),
+                                        target_modules=lora.target_modules, fused_lora=lora.fused_forward, **settings),
         full_memory=estimate_full_finetune_memory(shape, **settings),
         device=device,
     )

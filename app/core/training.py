@@ -40,6 +40,8 @@ from app.core.library import (
     LIBRARY_VERSION, MANIFEST_NAME, TRAINING_LOG_NAME, AdapterEntry, Library, write_json_atomic,
 )
 from app.core.models import ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
+from app.core.fused_lora import fuse_lora_layers
+from app.core.loss import head_cross_entropy
 from app.core.peft_setup import wrap_base
 from app.core.precision import OomSimulator, compute_dtype, is_out_of_memory
 
@@ -198,11 +200,9 @@ def trained_token_loss(model, batch: dict, device: str):
     """Summed cross-entropy over trained tokens only, and their count.
 
     Running the decoder and applying the output head only at positions that carry a label avoids building the full
-    batch x length x vocab logits tensor, which for a 49k-token vocabulary is most of a small model's memory.
+    batch x length x vocab logits tensor, which for a 49k-token vocabulary is most of a small model's memory; the loss
+    itself then runs a slice of tokens at a time (app.core.loss).
     """
-    import torch
-    import torch.nn.functional as F
-
     base = model.get_base_model()
     labels = batch["labels"].to(device)
     kwargs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
@@ -213,11 +213,9 @@ def trained_token_loss(model, batch: dict, device: str):
     hidden = base.get_decoder()(**kwargs).last_hidden_state
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
-    logits = base.get_output_embeddings()(hidden[:, :-1][selected]).float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets[selected], reduction="sum"), int(selected.sum())
+    loss = head_cross_entropy(base.get_output_embeddings(), hidden[:, :-1][selected], targets[selected],
+                              getattr(base.config, "final_logit_softcapping", None))
+    return loss, int(selected.sum())
 
 
 # Setup pieces
@@ -340,6 +338,7 @@ class TrainingRun:
         self.total_steps = training.planned_steps(len(data.train))
         self.adalora = config.lora.method == "adalora"
         self.model = wrap_base(base, config, self.total_steps)
+        fuse_lora_layers(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
         self.scheduler = get_scheduler(training.lr_schedule, self.optimizer,

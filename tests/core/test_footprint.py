@@ -13,7 +13,9 @@ from app.cli import main
 from app.core.adalora import get_adalora_model, save_as_lora
 from app.core.catalogue import find_entry
 from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
-from app.core.estimate import FP32_BYTES, estimate_full_finetune_memory, estimate_training_memory, lora_param_count
+from app.core.estimate import (
+    FP32_BYTES, estimate_full_finetune_memory, estimate_training_memory, lora_param_count, memory_plan_for_run,
+)
 from app.core.footprint import footprint
 
 TRAIN_FLAGS = ("--max-steps", "2", "--batch-size", "4", "--rank", "8", "--alpha", "16", "--max-len", "128",
@@ -92,7 +94,8 @@ def test_catalogue_models_are_counted_without_download_and_agree_with_the_shape_
     assert result.base_params == entry.shape.parameter_count
     assert result.full_checkpoint_bytes == 2 * entry.shape.parameter_count  # published in bf16
     settings = {"max_len": 512, "batch_size": 8, "gradient_checkpointing": True, "device": "cuda"}
-    assert result.memory == estimate_training_memory(entry.shape, quant="4bit", rank=16, **settings)
+    plan = memory_plan_for_run(config, entry.shape, "cuda")  # 16-bit or 4-bit, as the trainer would decide
+    assert result.memory == estimate_training_memory(entry.shape, quant=plan.quant, rank=16, **settings)
     assert result.full_memory == estimate_full_finetune_memory(entry.shape, **settings)
     assert result.memory.total < result.full_memory.total / 5
 
