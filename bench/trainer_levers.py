@@ -3,11 +3,12 @@ changed at a time, against the trainer's previous defaults measured in the same 
 
 Levers: gradient checkpointing (on / off), LoRA dropout (0.05 / 0), compute dtype on the CPU (fp32 / bf16, where
 the CPU has AMX), glibc's allocator (mmap threshold pinned so freed memory goes straight back to the OS, or left to
-glibc so freed blocks are reused), the LoRA forward (peft's, or app.core.fused_lora's) and the base's precision
-(16-bit / 4-bit). The reference row is the trainer as it
-shipped before these levers: fp32, dropout 0.05, checkpointing on, allocator pinned, 16-bit base. Each configuration
-runs in its own process on the cowboy persona (batch 8, rank 16 on all linears, no held-out split), and is timed from
-the end of its first step (warm-up) to the end of the last; peak RSS is the process's own.
+glibc so freed blocks are reused), the LoRA forward (peft's, or app.core.fused_lora's), the attention kernel of
+short batches (fused, or eager: app.core.attention) and the base's precision (16-bit / 4-bit). The reference row is
+the trainer as it shipped before these levers: fp32, dropout 0.05, checkpointing on, allocator pinned, peft's
+forward, fused attention, 16-bit base. Each configuration runs in its own process on the cowboy persona (batch 8,
+rank 16 on all linears, no held-out split), and is timed from the end of its first step (warm-up) to the end of the
+last; peak RSS is the process's own.
 
     python bench/trainer_levers.py [--steps 6]
 """
@@ -27,15 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATASET = REPO / "resources" / "datasets" / "cowboy.jsonl"
 
-REFERENCE = {"checkpointing": True, "dropout": 0.05, "bf16": False, "pinned": True, "quant": "none", "fused": False}
-NEW_DEFAULTS = {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False, "fused": True}
+REFERENCE = {"checkpointing": True, "dropout": 0.05, "bf16": False, "pinned": True, "quant": "none", "fused": False,
+             "eager": False}
+NEW_DEFAULTS = {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False, "fused": True, "eager": True}
 VARIANTS = {
     "previous defaults (reference)": {},
     "checkpointing off": {"checkpointing": False},
     "+ dropout 0": {"checkpointing": False, "dropout": 0.0},
     "+ bf16 (AMX)": {"checkpointing": False, "dropout": 0.0, "bf16": True},
     "+ allocator unpinned": {"checkpointing": False, "dropout": 0.0, "bf16": True, "pinned": False},
-    "+ fused LoRA forward (new defaults)": NEW_DEFAULTS,
+    "+ fused LoRA forward": {**NEW_DEFAULTS, "eager": False},
+    "+ eager attention for short batches (new defaults)": NEW_DEFAULTS,
     "new defaults, checkpointing on": {**NEW_DEFAULTS, "checkpointing": True},
     "new defaults, 4-bit base": {**NEW_DEFAULTS, "quant": "4bit"},
 }
@@ -45,6 +48,7 @@ def measure(settings: dict, steps: int) -> dict:
     """One configuration, in this process: seconds per step after the first, and peak RSS."""
     import torch
 
+    import app.core.attention as attention
     import app.core.precision as precision
     import app.core.training as training
     from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
@@ -56,6 +60,8 @@ def measure(settings: dict, steps: int) -> dict:
         torch.bfloat16 if bf16 else torch.float32, False, "set by the benchmark")
     if not settings["fused"]:
         training.fuse_lora_layers = lambda model: 0
+    if not settings["eager"]:
+        attention.CPU_EAGER_MAX_LEN = 0
     training.memory_plan_for_run = lambda *args, **kwargs: MemoryPlan(
         settings["quant"], settings["checkpointing"], "set by the benchmark", return_freed_memory=settings["pinned"])
     marks: list[float] = []
@@ -91,9 +97,9 @@ def main() -> None:
         print(f"{name}: {results[name]['s_per_step']:.2f} s/step", flush=True)
     reference = results["previous defaults (reference)"]
     print(f"\nSmolLM2-135M-Instruct, cowboy persona, batch 8, rank 16 all-linear, {args.steps} steps (first one excluded)")
-    print(f"{'configuration':<40}{'s/step':>8}{'speed-up':>10}{'peak RSS':>11}")
+    print(f"{'configuration':<52}{'s/step':>8}{'speed-up':>10}{'peak RSS':>11}")
     for name, result in results.items():
-        print(f"{name:<40}{result['s_per_step']:>8.2f}{reference['s_per_step'] / result['s_per_step']:>9.2f}x"
+        print(f"{name:<52}{result['s_per_step']:>8.2f}{reference['s_per_step'] / result['s_per_step']:>9.2f}x"
               f"{result['peak_rss'] / 2**20:>7.0f} MiB")
 
 

@@ -29,7 +29,8 @@ noted (checked against the tensors autograd really saves for a Llama block, abou
       (peft casts to the adapter dtype, then dropout copies it; counted even where the cast is a no-op, to stay on
       the safe side) plus a 1-byte dropout mask, and the rank-wide A output in fp32.
   Gemma 2 has no fused attention kernel (its logit soft-capping needs the eager path), so its heads x length
-  attention scores are kept too, in fp32 and the compute dtype.
+  attention scores are kept too, in fp32 and the compute dtype; so are every model's on the CPU for batches short
+  enough to train with eager attention there (app.core.attention).
 Without gradient checkpointing every block's activations stay saved until the backward pass reaches that block; with
 it only each block's input (hidden x compute dtype per token) is kept, and one block at a time is recomputed.
 
@@ -50,6 +51,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from app.core.attention import EAGER_BYTES_PER_SCORE, eager_attention_len
 from app.core.catalogue import LinearLayer, ModelShape
 from app.core.config import ALL_LINEAR, QUANT_CHOICES
 from app.core.errors import TailorError
@@ -211,12 +213,14 @@ def _base_weight_bytes(shape: ModelShape, quant: str, compute_bytes: int) -> int
 
 
 def _block_activation_bytes_per_token(shape: ModelShape, targets: tuple[LinearLayer, ...], rank: int, max_len: int,
-                                      compute_bytes: int, fused_lora: bool) -> float:
+                                      compute_bytes: int, fused_lora: bool, device: str) -> float:
     hidden, attention_width = shape.hidden_size, shape.num_attention_heads * shape.head_dim
     residual = 2 * hidden * compute_bytes + shape.norms_per_block * 2 * hidden * FP32_BYTES
     attention = 5 * attention_width * compute_bytes + shape.num_attention_heads * FP32_BYTES + max_len * compute_bytes
     if shape.architecture == "gemma2":
         attention += shape.num_attention_heads * max_len * (FP32_BYTES + compute_bytes)
+    elif max_len <= eager_attention_len(device):
+        attention += shape.num_attention_heads * max_len * EAGER_BYTES_PER_SCORE
     mlp = 4 * shape.intermediate_size * compute_bytes
     lora = sum(rank * compute_bytes if fused_lora else
                layer.in_features * (FP32_BYTES + DROPOUT_MASK_BYTES) + rank * FP32_BYTES for layer in targets)
@@ -268,7 +272,8 @@ def estimate_training_memory(
     trainable = lora_param_count(shape, rank, target_modules)
     tokens = batch_size * max_len
 
-    block = tokens * _block_activation_bytes_per_token(shape, targets, rank, max_len, compute_bytes, fused_lora)
+    block = tokens * _block_activation_bytes_per_token(shape, targets, rank, max_len, compute_bytes, fused_lora,
+                                                       device)
     block_inputs = shape.num_hidden_layers * tokens * shape.hidden_size * compute_bytes
     # The final norm's saved fp32 input and output, and the hidden states the output head reads at trained tokens.
     final_norm = tokens * 2 * shape.hidden_size * FP32_BYTES

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from app import __version__
+from app.core.attention import attention_for_batch
 from app.core.adalora import budget_state, orthogonal_penalty, restore_budget_state, save_as_lora
 from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
 from app.core.catalogue import ModelShape
@@ -367,13 +368,14 @@ class TrainingRun:
         self.oom_simulator.check(self.progress.step + 1)
         loss_total = 0.0
         for index, batch in enumerate(batches):
-            with self._autocast():
-                loss_sum, _ = trained_token_loss(self.model, batch, self.device)
-            # Normalised by the whole step's trained tokens, so the gradient is the same however the step is split.
-            loss = loss_sum / step_tokens
-            if self.adalora and index == 0:
-                loss = loss + orthogonal_penalty(self.model)  # once per step, as peft adds it once per forward
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with attention_for_batch(self.model, self.device, batch["input_ids"].shape[1]):
+                with self._autocast():
+                    loss_sum, _ = trained_token_loss(self.model, batch, self.device)
+                # Normalised by the whole step's trained tokens, so the gradient is the same however it is split.
+                loss = loss_sum / step_tokens
+                if self.adalora and index == 0:
+                    loss = loss + orthogonal_penalty(self.model)  # once per step, as peft adds it once per forward
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss_sum.detach())
         self._optimizer_step()
         self.progress.step += 1
