@@ -1,7 +1,9 @@
 """`tailor estimate --device cpu` against the peak resident memory of real CPU training runs of the bundled model.
 
 Each setting trains the bundled SmolLM2-135M-Instruct in 4-bit for a few steps through the public `run_training`
-API, in a fresh subprocess so its peak RSS (`ru_maxrss`, what the OS had to find in RAM) is its own. The dataset
+API, in a fresh subprocess so its peak RSS (`ru_maxrss`, what the OS had to find in RAM) is its own, with the
+allocator held to the live tensors as in a run planned as tight (the estimate's model; a comfortable run may use up
+to UNPINNED_HEAP_GROWTH times more, which the memory plan allows for). The dataset
 has replies longer than any max length tried, so every batch is max-length wide, the case the estimate sizes for;
 the estimate is given the dataset's real share of trained tokens. A sampler thread also splits the peak into
 "while loading" and "while training", to show which one the estimate has to cover.
@@ -58,9 +60,17 @@ def _rss_bytes() -> tuple[int, int]:
 
 
 def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: str) -> dict:
-    from app.core.config import DataSettings, LoraSettings, RunConfig, TrainingSettings
+    import app.core.training as training
+    from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
+    from app.core.estimate import MemoryPlan
     from app.core.library import Library
     from app.core.training import StartEvent, run_training
+
+    # What the estimate models: the live tensors, which is what a run planned as tight keeps to (glibc's mmap
+    # threshold pinned). A comfortable run lets glibc keep freed blocks too; the plan allows UNPINNED_HEAP_GROWTH
+    # for that on top of the estimate, and the allocator's share is not the estimate's to predict.
+    training.memory_plan_for_run = lambda *args, **kwargs: MemoryPlan(
+        "4bit", checkpointing, "set by the benchmark", return_freed_memory=True)
 
     peaks = {"loading": 0, "training": 0, "loading_anon": 0, "training_anon": 0}
     phase = ["loading"]
@@ -84,7 +94,7 @@ def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: s
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     config = RunConfig(
-        name="rss", data=DataSettings(path=dataset, max_len=max_len),
+        name="rss", data=DataSettings(path=dataset, max_len=max_len), model=ModelSource(quant="4bit"),
         lora=LoraSettings(rank=RANK, alpha=2 * RANK),
         training=TrainingSettings(max_steps=steps, batch_size=batch, checkpoint_every=10_000,
                                   gradient_checkpointing=checkpointing),
