@@ -198,7 +198,7 @@ def test_default_compute_dtype_is_the_one_tailor_trains_in():
         0, dtype=compute_dtype("cpu").dtype).element_size()
 
 
-def test_on_the_cpu_the_mapped_model_file_is_counted_once():
+def test_on_the_cpu_the_mapped_model_file_is_counted_once_and_only_while_it_is_mapped():
     shape = find_entry("smollm2-135m").shape
     fp32_file = estimate_training_memory(shape, batch_size=1, max_len=256, device="cpu", compute_bytes=4,
                                          checkpoint_bytes=4)
@@ -206,11 +206,21 @@ def test_on_the_cpu_the_mapped_model_file_is_counted_once():
     assert fp32_file.mapped_checkpoint == (shape.parameter_count - shape.embedding_count()) * 4
     assert fp32_file.row_fields()[-1] == "mapped_checkpoint"
     assert fp32_file.total == sum(amount for _, amount in fp32_file.rows())
+    # Converted on load (or quantised): nothing points into the file once the model is loaded, so it counts only in
+    # the loading peak (runtime, the file, the weights being built), which is weighed against training's peak.
     bf16_file = estimate_training_memory(shape, batch_size=1, max_len=256, device="cpu", compute_bytes=4,
                                          checkpoint_bytes=2)
-    assert bf16_file.mapped_checkpoint == shape.parameter_count * 2  # converted on load: nothing shared
+    assert bf16_file.mapped_checkpoint == 0 and bf16_file.checkpoint_while_loading == shape.parameter_count * 2
+    loading = bf16_file.runtime + bf16_file.base_weights + bf16_file.checkpoint_while_loading
+    short, long = bf16_file, estimate_training_memory(shape, batch_size=8, max_len=1024, device="cpu", compute_bytes=4,
+                                                      checkpoint_bytes=2, gradient_checkpointing=False)
+    assert short.total == loading and short.row_fields()[-1] == "checkpoint_while_loading"
+    assert long.total > loading and "checkpoint_while_loading" not in long.row_fields()
+    for estimate in (short, long):
+        assert estimate.total == sum(amount for _, amount in estimate.rows())
     on_gpu = estimate_training_memory(shape, batch_size=1, max_len=256, device="cuda", checkpoint_bytes=4)
-    assert on_gpu.mapped_checkpoint == 0 and "mapped_checkpoint" not in on_gpu.row_fields()
+    assert on_gpu.mapped_checkpoint == on_gpu.checkpoint_while_loading == 0
+    assert not {"mapped_checkpoint", "checkpoint_while_loading"} & set(on_gpu.row_fields())
 
 
 def test_untied_head_is_counted_and_tied_head_is_not():
