@@ -118,6 +118,9 @@ def serve_phase(session, library, requests: int, max_new_tokens: int, names: lis
                 response.raise_for_status()
                 if index + 1 == WARMUP:
                     warm = resources()
+                if (index + 1) % 100 == 0:
+                    print(f"  request {index + 1}: p95 so far {p95(latencies[-100:]) * 1000:.0f} ms, {resources()}",
+                          flush=True)
             end = resources()
     finally:
         server.stop()
