@@ -342,6 +342,22 @@ def test_review_weighs_the_estimate_against_free_vram_and_auto_fit_makes_it_fit(
     assert review.estimate.total < 0.85 * 6 * fakes.GB
 
 
+def test_every_part_of_a_cpu_estimate_is_listed_and_drawn(qtbot, open_window, no_gpu_monitor, tiny_base, chat_jsonl):
+    """On the CPU the estimate has a part more than on a GPU (the model file); the table and the bar show them all."""
+    from app.gui.wizard.review_page import SEGMENT_COLOURS
+
+    wizard = open_window(no_gpu_monitor).wizard
+    reach_adapter_page(qtbot, wizard, tiny_base, chat_jsonl)
+    click(qtbot, wizard.next_button)
+    qtbot.waitUntil(lambda: wizard.current_index == 3)
+    review = wizard.review_page
+    assert review.device() == "cpu"
+    rows = review.estimate.rows()
+    assert len(rows) <= len(SEGMENT_COLOURS)
+    for row, (label, _amount) in enumerate(rows):
+        assert review.breakdown.item(row, 0).text() == label and review.breakdown.item(row, 1).text()
+
+
 def test_adapter_page_starts_at_the_same_defaults_as_tailor_train(qtbot, open_window):
     """The wizard and the CLI share one default recipe: the adapter page's untouched fields build exactly the
     dataclass defaults (docs/recipe.md says how they were chosen)."""

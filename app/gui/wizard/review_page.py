@@ -24,7 +24,8 @@ from app.gui.wizard.base import WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 from app.gui.workers import run_function
 
-SEGMENT_COLOURS = ("#4e79a7", "#59a14f", "#edc948", "#f28e2b", "#e15759", "#b07aa1", "#9c755f")
+SEGMENT_COLOURS = ("#4e79a7", "#59a14f", "#edc948", "#f28e2b", "#e15759", "#b07aa1", "#9c755f", "#bab0ac")
+"""One per part MemoryEstimate.rows() can list: seven, and on the CPU the model file."""
 VERDICT_COLOURS = {FITS: GOOD, TIGHT: WARN}
 
 
