@@ -249,7 +249,7 @@ def test_real_pirate_persona_beats_the_base_on_style(smollm2_folder, tmp_path):
     library = Library(tmp_path / "lib")
     run_training(RunConfig(name="pirate", system_prompt="You are a pirate captain.",
                            data=DataSettings(path=str(train), max_len=192), lora=LoraSettings(rank=16, alpha=32),
-                           training=TrainingSettings(max_steps=20, batch_size=4, learning_rate=1e-3)), library)
+                           training=TrainingSettings(max_steps=30, batch_size=4, learning_rate=1e-3)), library)
     entry = library.get("pirate")
     session = ChatSession(*base_for([entry], None, None))
     card = evaluate_adapter(session, entry, plan_card(library, entry, held_out))
