@@ -333,17 +333,40 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(case, serve
     assert ask(client, "alpha", max_tokens=2).choices[0].message.content is not None
 
 
+def raw_post(server, headers: bytes, body_parts=()) -> tuple[int, dict]:
+    """A request written on a bare socket, so the test controls how much of the body is ever sent: a client that
+    keeps writing after the server has answered and closed gets its answer reset (TCP RST) instead of read."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=60) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: tailor\r\n"
+                           b"Content-Type: application/json\r\n" + headers + b"\r\n")
+        for part in body_parts:
+            connection.sendall(part)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += connection.recv(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += connection.recv(65536)
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
 def test_an_oversized_body_gets_413_without_being_read_whole(server, client):
-    huge = {"model": "alpha", "messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 10)}]}
-    response = post(server, huge)
-    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+    # A declared size over the limit is refused from the headers alone: none of the body is ever sent.
+    status, error = raw_post(server, b"Content-Length: %d\r\n" % (MAX_BODY_BYTES + 10))
+    assert status == 413 and "larger than" in error["error"]["message"]
 
-    def chunked():  # no Content-Length: the limit must hold while the body streams in
-        for _ in range(MAX_BODY_BYTES // 65536 + 2):
-            yield b"x" * 65536
-
-    response = httpx.post(server.url + "/v1/chat/completions", content=chunked(), timeout=60)
-    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    # No Content-Length: the limit must hold while the body streams in. Exactly enough is sent to cross it (and no
+    # end of body), so the server answers once it has read one chunk too many, not the whole body.
+    chunk = b"x" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (MAX_BODY_BYTES // len(chunk) + 1)
+    status, error = raw_post(server, b"Transfer-Encoding: chunked\r\n", chunks)
+    assert status == 413 and error["error"]["code"] == "request_too_large"
     assert ask(client, "alpha", max_tokens=2).choices[0].message.content is not None
 
 
