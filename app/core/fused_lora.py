@@ -35,12 +35,20 @@ def _fused_forward(self, x, *args, **kwargs):
     return fused.view(result.shape)
 
 
-def _is_plain_lora(module, adapter: str) -> bool:
-    import torch.nn as nn
+def _lora_linear_classes() -> tuple[type, ...]:
     from peft.tuners.lora import Linear
-    from peft.tuners.lora.bnb import Linear4bit
 
-    return (isinstance(module, (Linear, Linear4bit)) and module.active_adapters == [adapter]
+    try:  # peft defines its 4-bit LoRA layer only where bitsandbytes imports
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return (Linear,)
+    return (Linear, Linear4bit)
+
+
+def _is_plain_lora(module, adapter: str, classes: tuple[type, ...]) -> bool:
+    import torch.nn as nn
+
+    return (isinstance(module, classes) and module.active_adapters == [adapter]
             and adapter in module.lora_A and adapter not in module.lora_variant
             and not module.lora_bias.get(adapter, False)
             and isinstance(module.lora_dropout[adapter], nn.Identity))
@@ -48,10 +56,10 @@ def _is_plain_lora(module, adapter: str) -> bool:
 
 def fuse_lora_layers(model) -> int:
     """Switch every plain LoRA layer of a peft model to the fused forward; returns how many were switched."""
-    adapter = model.active_adapter
+    adapter, classes = model.active_adapter, _lora_linear_classes()
     switched = 0
     for module in model.modules():
-        if _is_plain_lora(module, adapter):
+        if _is_plain_lora(module, adapter, classes):
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched
