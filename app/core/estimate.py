@@ -108,7 +108,8 @@ class MemoryEstimate:
     activations: int
     """Tensors saved for the backward pass: every block's, or with gradient checkpointing only each block's input."""
     logits: int
-    """The loss's peak: trained tokens x vocabulary logits, with the log-softmax and its gradients in fp32."""
+    """The loss's peak: one slice of trained tokens x vocabulary logits, with the log-softmax and its gradients in
+    fp32, beside every trained token's hidden state and its gradient."""
     block_backward: int
     """One block's backward: the recomputed block (with checkpointing), its gradients and a dequantised weight."""
     runtime: int

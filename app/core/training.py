@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from app import __version__
-from app.core.attention import attention_for_batch
 from app.core.adalora import budget_state, orthogonal_penalty, restore_budget_state, save_as_lora
+from app.core.attention import attention_for_batch
 from app.core.batches import StepPlan, collate, split_micro_batches, trained_tokens
 from app.core.catalogue import ModelShape
 from app.core.cpu_memory import return_freed_memory_to_os
