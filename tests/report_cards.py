@@ -25,7 +25,8 @@ def sample_card(adapter: str = "pirate") -> ReportCard:
                  pair("What is rain?", "Water falling from clouds.", "Water falling from clouds.", False)],
         knowledge=[KnowledgeAnswer("What is the capital of Japan?", ["Tokyo"], "Tokyo.", "Tokyo, matey.", True, True),
                    KnowledgeAnswer("How many days are there in a week?", ["seven", "7"], "Seven.", "Arr!", True, False)],
-        base_loss=2.5, persona_loss=1.9, loss_tokens=120, created="2026-11-29T09:00:00+0000")
+        base_loss=2.5, persona_loss=1.9, loss_tokens=120, created="2026-11-29T09:00:00+0000",
+        signature_words=["matey", "arr"])
 
 
 def recorded_or_sample_card() -> ReportCard:

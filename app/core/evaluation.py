@@ -7,10 +7,12 @@ prompt, so every difference comes from the adapter alone. The card holds:
 
 - replies side by side, each marked for style, loops and topic;
 - held-out loss and perplexity of base vs persona on the held-out examples' reference replies (assistant tokens only);
-- style k/n: how many persona replies read like the persona's training replies rather than like the base model
-  (see `StyleJudge`); the same test on the base's replies gives the base's own score, the floor to beat;
+- style k/n: how many persona replies read like the persona's training replies rather than like the base model:
+  they use the persona's signature words, or its character patterns (see `StyleJudge`); the same test on the
+  base's replies gives the base's own score, the floor to beat;
 - loops: replies that repeat themselves (see `loops`);
-- on topic: replies that share a content word with the question (see `on_topic`);
+- on topic: replies that the base model finds likelier after their own question than after any other on the card
+  (see `TopicJudge`);
 - knowledge: short general questions shipped in resources/eval/knowledge.jsonl, answered by base and persona and
   scored by accepted keywords, so a persona that forgot what the base knew is caught.
 
@@ -22,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,7 +40,8 @@ from app.core.paths import resources_dir
 
 CARD_KEY = "report_card"
 """Where the card is kept in the adapter's manifest (tailor.json), so it travels with the adapter and its bundles."""
-CARD_VERSION = 1
+CARD_VERSION = 2
+"""2: the topic judge ranks questions by likelihood, the style judge also counts signature words."""
 EVAL_SEED = 0
 """Every reply on the card is sampled from this seed: the same adapter gives the same card."""
 REPLY_TOKENS = 160
@@ -183,31 +187,84 @@ def loops(text: str) -> bool:
 
 # On topic
 
-_STOPWORDS = frozenset("""
-a about above after again all am an and any are as at be been being but by can could did do does doing down for
-from had has have having he her here hers him his how i if in into is it its just me more most my no nor not now of
-off on once only or other our out over own same she should so some such than that the their them then there these
-they this those through to too under until up very was we were what when where which while who whom why will with
-would you your yours give tell explain know need want please make get good best way ways thing things much many one
-""".split())
-_STEM = 5
-"""Words are compared by their first five letters, so "recycle" matches "recycling" and "planets" matches "planet"."""
+RELEVANCE_TOKENS = 32
+"""How much of a reply the topic judge reads: its opening, where a reply takes up its question or does not."""
+RELEVANCE_QUESTIONS = 12
+"""Questions the topic judge weighs each reply against, the card's own first, then knowledge questions as
+distractors: one in twelve is the chance of passing by luck."""
 
 
-_CLITIC = re.compile(r"'(s|ll|re|ve|d)$")
-"""Possessives and contractions ("DNA's", "sea's", "it'll"): the word is the part before them."""
+class TopicJudge:
+    """Does a reply answer its own question rather than another one?
 
+    The base model (no adapter) reads the reply's first RELEVANCE_TOKENS tokens as the answer to each question on
+    the card (its prompts, topped up with knowledge questions to RELEVANCE_QUESTIONS); the reply is on topic when
+    its own question makes it more likely than every other question does. This ranks questions by how much they explain the reply
+    (pointwise mutual information): the persona's manner of talking is about as likely after any question, so only
+    what the reply says counts, and an answer in other words than the question's is credited ("Who painted the
+    Mona Lisa?" -> "Leonardo da Vinci, partner, back in 1503"). A reply that could follow any question as well as
+    its own (small talk, a loop) is not.
+    """
 
-def content_words(text: str) -> set[str]:
-    bare = (_CLITIC.sub("", word) for word in words(text))
-    return {word[:_STEM] for word in bare if len(word) >= 3 and word not in _STOPWORDS and not word.isdigit()}
+    def __init__(self, session: ChatSession, questions: Sequence[Messages]):
+        from app.core.templates import place_system_prompt, render
 
+        self._session = session
+        tokenizer = session.tokenizer
+        self._prompts = [list(render(tokenizer, place_system_prompt(tokenizer, list(messages)), add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]) for messages in questions]
+        self._prefilled = None
+        """The questions run through the base once (cache, mask, next-token log-probabilities), for every reply."""
 
-def on_topic(question: str, reply: str) -> bool | None:
-    """Whether the reply takes up the question: it shares at least one content word (not a stopword, compared by
-    its first five letters) with it. None when the question has no content word to check ("Hi!")."""
-    asked = content_words(question)
-    return bool(asked & content_words(reply)) if asked else None
+    def on_topic(self, question: int, reply: str) -> bool | None:
+        """Whether `reply` is most likely after question number `question`; None with nothing to compare with."""
+        if len(self._prompts) < 2:
+            return None
+        reply_ids = self._session.tokenizer(reply, add_special_tokens=False)["input_ids"][:RELEVANCE_TOKENS]
+        if not reply_ids:
+            return False
+        scores = self.log_likelihoods(reply_ids)
+        return all(scores[question] > score for index, score in enumerate(scores) if index != question)
+
+    def log_likelihoods(self, reply_ids: list[int]) -> list[float]:
+        """log p(reply | question) under the base, for every question."""
+        import copy
+
+        import torch
+
+        session = self._session
+        # generate() shares the model: hold the session's lock so no reply switches the adapter under this pass.
+        with session._lock, torch.inference_mode():
+            session.select(BASE)
+            if self._prefilled is None:
+                self._prefilled = self._prefill()
+            cache, mask, first = self._prefilled
+            rows, length = len(self._prompts), len(reply_ids)
+            target = torch.tensor(reply_ids, device=session.device).expand(rows, -1)
+            scores = first.gather(1, target[:, :1])
+            if length > 1:
+                logits = session.model(input_ids=target[:, :-1], cache=copy.deepcopy(cache), use_cache=True,
+                                       attention_mask=torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1),
+                                       position_ids=mask.sum(1, keepdim=True) + torch.arange(length - 1, device=mask.device)).logits
+                scores = scores + torch.log_softmax(logits.float(), dim=-1).gather(-1, target[:, 1:, None]).sum(dim=1)
+        return scores[:, 0].tolist()
+
+    def _prefill(self):
+        """The questions, left-padded into one batch, through the base: its cache, mask and the log-probabilities of
+        each question's next token (the reply's first)."""
+        import torch
+        from transformers import DynamicCache
+
+        session = self._session
+        pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else session.tokenizer.eos_token_id
+        width = max(map(len, self._prompts))
+        device = session.device
+        input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + prompt for prompt in self._prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in self._prompts], device=device)
+        cache = DynamicCache(config=session.base_model.config)
+        logits = session.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                               cache=cache, use_cache=True, logits_to_keep=1).logits
+        return cache, mask, torch.log_softmax(logits[:, -1].float(), dim=-1)
 
 
 # Style
@@ -235,16 +292,69 @@ def _cosine(a: dict[str, float], b: dict[str, float]) -> float:
     return sum(value * b.get(key, 0.0) for key, value in a.items())
 
 
+_FUNCTION_WORDS = frozenset("""
+a about above after again all am an and any are as at be been being but by can could did do does doing down for
+from had has have having he her here hers him his how i if in into is it its just me more most my no nor not now of
+off on once only or other our out over own same she should so some such than that the their them then there these
+they this those through to too under until up very was we were what when where which while who whom why will with
+would you your yours
+""".split())
+"""English's commonest words: how often a reply uses them says more about its length than about its voice."""
+
+
+class SignatureWords:
+    """The persona's signature words: words its training replies use far more often than the base model does.
+
+    A word is one when it appears in at least one in ten training replies, and in a share of them at least five
+    times its share of the base's replies (counted with half a reply added, so a word the base never said still has
+    to be common in training). Function words are left out. The cowboy sample's are "partner", "reckon", "y'all"
+    and "folks"; the pirate's "arr", "matey", "ye"; a persona whose style is a form rather than words (haiku) may
+    have none.
+    """
+
+    MIN_SHARE = 0.2
+    MIN_RATIO = 5.0
+
+    def __init__(self, persona_texts: Sequence[str], base_texts: Sequence[str]):
+        documents = [set(words(text)) - _FUNCTION_WORDS for text in persona_texts]
+        counts = Counter(word for document in documents for word in document)
+        self._persona_share = {word: count / len(documents) for word, count in counts.items()
+                               if count / len(documents) >= self.MIN_SHARE}
+        self._base_texts = list(base_texts)
+        self._base_documents = [set(words(text)) for text in base_texts]
+        self.words = self._signature(None)
+
+    def _signature(self, leave_out: str | None) -> frozenset[str]:
+        base = [document for document, text in zip(self._base_documents, self._base_texts) if text != leave_out]
+        return frozenset(word for word, share in self._persona_share.items()
+                         if share >= self.MIN_RATIO * (sum(word in document for document in base) + 0.5) / (len(base) + 1))
+
+    def share(self, word: str) -> float:
+        """The share of the training replies that use `word` (0 below MIN_SHARE)."""
+        return self._persona_share.get(word, 0.0)
+
+    def used(self, reply: str, leave_out: str | None = None) -> list[str]:
+        """The signature words in `reply`, found with the base's reply `leave_out` not counted as the base's."""
+        signature = self.words if leave_out is None else self._signature(leave_out)
+        return sorted(signature & set(words(reply)))
+
+
 class StyleJudge:
     """Does a reply read more like the persona's training replies than the base model's own replies do?
 
-    Every text becomes a TF-IDF vector of its character 3-5-grams (sublinear counts, so one looping phrase cannot
-    dominate). A reply's margin is its similarity to the persona's training replies minus its similarity to the
-    base's replies (mean cosine with each; the base's reply to the same prompt left out, so no reply is compared
-    with itself or with its own topic). Which reference set is "closer" varies with their lengths and topics, so the
-    margin is calibrated on the base: a reply is in the persona's style when its margin is higher than that of
-    nine in ten of the base's own replies (each measured leaving itself out). A persona that talks like the base
-    therefore scores about 1 in 10; one that talks like its training data scores near all.
+    Two tests, each calibrated on the base's replies (each judged with itself left out of the base's set), so a
+    reply passes one only by beating nine in ten of the base's own replies at it:
+
+    - signature words (see `SignatureWords`): the reply uses more of them than nine in ten base replies do, which
+      for a voice the base does not have means at least one;
+    - character n-grams, for a voice in spelling and form rather than words: every text becomes a TF-IDF vector of
+      its character 3-5-grams (sublinear counts, so one looping phrase cannot dominate); a reply's margin is its
+      similarity to the persona's training replies minus its similarity to the base's (mean cosine with each), and
+      it passes when its margin is above nine in ten of the base's margins.
+
+    A reply is in the persona's style when it passes either. The base's replies, judged the same way, score the
+    floor to beat: a persona that talks like the base scores about as low, one that talks like its training data
+    near all.
     """
 
     BASE_QUANTILE = 0.9
@@ -256,8 +366,11 @@ class StyleJudge:
         self._persona = self._mean([self.vector(text) for text in persona_texts])
         self._base_texts = list(base_texts)
         self._base_vectors = [self.vector(text) for text in base_texts]
+        self.signature = SignatureWords(persona_texts, base_texts)
         base_margins = sorted(self.margin(text, leave_out=text) for text in base_texts)
         self.threshold = _quantile(base_margins, self.BASE_QUANTILE) if base_margins else 0.0
+        base_signatures = sorted(len(self.signature.used(text, leave_out=text)) for text in base_texts)
+        self.signature_threshold = _quantile(base_signatures, self.BASE_QUANTILE) if base_signatures else 0.0
 
     def vector(self, text: str) -> dict[str, float]:
         return _normalised({gram: (1 + math.log(count)) * self._idf.get(gram, 1.0)
@@ -277,7 +390,11 @@ class StyleJudge:
         return _cosine(reply_vector, self._persona) - _cosine(reply_vector, self._mean(kept))
 
     def in_style(self, reply: str, leave_out: str | None = None) -> bool:
-        return bool(reply.strip()) and self.margin(reply, leave_out) > self.threshold
+        """Whether `reply` passes either test, with the base's reply `leave_out` not counted as the base's."""
+        if not reply.strip():
+            return False
+        return (len(self.signature.used(reply, leave_out)) > self.signature_threshold
+                or self.margin(reply, leave_out) > self.threshold)
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:
@@ -342,6 +459,8 @@ class ReportCard:
     persona_loss: float | None
     loss_tokens: int
     created: str
+    signature_words: list[str] = field(default_factory=list)
+    """The persona's signature words (see `SignatureWords`), the commonest in training first."""
     version: int = CARD_VERSION
 
     @staticmethod
@@ -394,7 +513,8 @@ class ReportCard:
                  f"{'on topic':<22}{_cell(self.on_topic('base')):>12}{_cell(self.on_topic()):>12}",
                  f"{'knowledge':<22}{_cell(self.knowledge_score('base')):>12}{_cell(self.knowledge_score()):>12}",
                  f"Held-out loss ({self.loss_tokens} tokens): base {loss_text(self.base_loss)}, persona {loss_text(self.persona_loss)}",
-                 f"Summary: {self.summary()}"]
+                 f"Summary: {self.summary()}",
+                 f"Signature words: {', '.join(self.signature_words) or 'none (the style is judged by its character patterns)'}"]
         for index, pair in enumerate(self.replies, 1):
             lines += ["", f"[{index}] {pair.question}",
                       f"  base    [{reply_marks(pair.base_style, pair.base_loops, pair.base_on_topic)}]: {pair.base}",
@@ -444,6 +564,51 @@ def held_out_loss(session: ChatSession, choice: str, prompts: Sequence[EvalPromp
     return total / tokens, tokens
 
 
+CARD_BATCH = 24
+"""Replies the card decodes together: all 44 of a default card (12 held-out prompts and 10 knowledge questions, base
+and persona) fit in about two batches. On two CPU cores they took 82 s at 24, 90 s at 16, 113 s at 8 and 286 s one
+at a time (SmolLM2 in fp32, same 44 replies each way)."""
+
+
+def answer_together(session: ChatSession, asked: Sequence[tuple[Messages, str, GenerationSettings]],
+                    stop: StopFlag | None = None, progress: Progress | None = None) -> list[str]:
+    """Each (messages, persona or BASE, settings) answered, in order. The replies are decoded together, rows of
+    different personas side by side, by the server's engine (app.core.serving): one forward pass per token for
+    the whole batch instead of one per reply. Each row samples from its own generator seeded as `tailor chat`
+    seeds it, so a reply is the one `tailor chat --seed` gives, whatever else is in the batch."""
+    from app.core.serving import Delta, Failed, ServeRequest, ServingEngine
+
+    report = progress or (lambda message: None)
+    texts: list[list[str]] = [[] for _ in asked]
+    failures: list[str] = []
+    finished = threading.Semaphore(0)
+
+    def listener(index: int):
+        def hear(event) -> None:
+            if isinstance(event, Delta):
+                texts[index].append(event.text)
+                return
+            if isinstance(event, Failed):
+                failures.append(event.message)
+            finished.release()
+        return hear
+
+    engine = ServingEngine(session, None, max_batch=CARD_BATCH).start()
+    try:
+        for index, (messages, choice, settings) in enumerate(asked):
+            engine.submit(ServeRequest(choice, list(messages), settings), listener(index))
+        for done in range(1, len(asked) + 1):
+            report(f"Replies: {done - 1} of {len(asked)} written…")
+            while not finished.acquire(timeout=0.1):
+                if stop is not None and stop.is_set():
+                    raise EvaluationStopped("The evaluation was stopped before the card was complete.")
+    finally:
+        engine.close()
+    if failures:
+        raise TailorError(f"A reply for the card could not be generated: {failures[0]}")
+    return ["".join(pieces).strip() for pieces in texts]
+
+
 def build_report_card(session: ChatSession, persona: str, prompts: Sequence[EvalPrompt], style_references: Sequence[str],
                       knowledge: Sequence[KnowledgeQuestion] = (), prompt_source: str = "given prompts",
                       settings: GenerationSettings | None = None, progress: Progress | None = None,
@@ -461,36 +626,38 @@ def build_report_card(session: ChatSession, persona: str, prompts: Sequence[Eval
     reply_settings = card_settings(settings)
     knowledge_settings = card_settings(settings, KNOWLEDGE_TOKENS)
 
-    def answer(messages: Messages, choice: str, options: GenerationSettings) -> str:
-        reply = "".join(session.stream(with_system_prompt(messages, system_prompt), choice, options, stop)).strip()
-        if stop is not None and stop.is_set():
-            raise EvaluationStopped("The evaluation was stopped before the card was complete.")
-        return reply
-
+    asked = [(with_system_prompt(prompt.messages, system_prompt), choice, reply_settings)
+             for prompt in prompts for choice in (BASE, persona)]
+    asked += [(with_system_prompt([{"role": "user", "content": question.question}], system_prompt), choice, knowledge_settings)
+              for question in knowledge for choice in (BASE, persona)]
+    replies = iter(answer_together(session, asked, stop, report))
     answers: dict[str, list[str]] = {BASE: [], persona: []}
-    for index, prompt in enumerate(prompts, 1):
+    for _ in prompts:
         for choice in (BASE, persona):
-            report(f"Held-out prompt {index}/{len(prompts)}: {'base' if choice == BASE else persona} replying…")
-            answers[choice].append(answer(prompt.messages, choice, reply_settings))
+            answers[choice].append(next(replies))
     known: dict[str, list[str]] = {BASE: [], persona: []}
-    for index, question in enumerate(knowledge, 1):
+    for _ in knowledge:
         for choice in (BASE, persona):
-            report(f"Knowledge question {index}/{len(knowledge)}: {'base' if choice == BASE else persona} answering…")
-            known[choice].append(answer([{"role": "user", "content": question.question}], choice, knowledge_settings))
+            known[choice].append(next(replies))
     report("Measuring the held-out loss…")
     base_loss, loss_tokens = held_out_loss(session, BASE, prompts, system_prompt)
     persona_loss, _ = held_out_loss(session, persona, prompts, system_prompt)
 
     # How the base talks: its replies to the held-out prompts and to the knowledge questions.
     judge = StyleJudge(style_references, [*answers[BASE], *known[BASE]]) if style_references else None
+    report("Judging which replies take up their question…")
+    asked = [prompt.messages for prompt in prompts]
+    distractors = [[{"role": "user", "content": question.question}] for question in knowledge]
+    topics = TopicJudge(session, [*asked, *[messages for messages in distractors if messages not in asked]][
+        :max(len(asked), RELEVANCE_QUESTIONS)])
     pairs = []
-    for prompt, base_reply, persona_reply in zip(prompts, answers[BASE], answers[persona]):
+    for index, (prompt, base_reply, persona_reply) in enumerate(zip(prompts, answers[BASE], answers[persona])):
         pairs.append(ReplyPair(
             question=prompt.question, reference=prompt.reference, base=base_reply, persona=persona_reply,
             base_style=judge.in_style(base_reply, leave_out=base_reply) if judge else None,
             persona_style=judge.in_style(persona_reply, leave_out=base_reply) if judge else None,
             base_loops=loops(base_reply), persona_loops=loops(persona_reply),
-            base_on_topic=on_topic(prompt.question, base_reply), persona_on_topic=on_topic(prompt.question, persona_reply)))
+            base_on_topic=topics.on_topic(index, base_reply), persona_on_topic=topics.on_topic(index, persona_reply)))
     knowledge_answers = [KnowledgeAnswer(question.question, list(question.accept), base_reply, persona_reply,
                                          question.answered_by(base_reply), question.answered_by(persona_reply))
                          for question, base_reply, persona_reply in zip(knowledge, known[BASE], known[persona])]
@@ -498,7 +665,8 @@ def build_report_card(session: ChatSession, persona: str, prompts: Sequence[Eval
         adapter=persona, base_model=session.resolved.model_id, quant=session.precision.label, settings=reply_settings.describe(),
         prompt_source=prompt_source, system_prompt=system_prompt, replies=pairs, knowledge=knowledge_answers,
         base_loss=base_loss, persona_loss=persona_loss, loss_tokens=loss_tokens,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        signature_words=sorted(judge.signature.words, key=lambda word: (-judge.signature.share(word), word)) if judge else [])
 
 
 @dataclass(frozen=True)

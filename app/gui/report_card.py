@@ -82,9 +82,11 @@ class ReportCardView(QWidget):
             ("topic", "On topic (persona · base)"), ("knowledge", "Knowledge (persona · base)"),
             ("loss", "Held-out loss: base → persona"))}
         for key, tip in (("style", "Replies that read like the persona's training replies rather than like the base "
-                                   "model (character n-gram profile, calibrated on the base's own replies)."),
+                                   "model: they use its signature words or its character patterns more than nine in "
+                                   "ten of the base's own replies do."),
                          ("loops", "Replies that say one phrase three times in a row, or mostly repeat themselves."),
-                         ("topic", "Replies that share a content word with the question."),
+                         ("topic", "Replies that the base model finds likelier after their own question than after any "
+                                   "other question on the card."),
                          ("knowledge", "Short general questions (resources/eval/knowledge.jsonl), scored by keywords: "
                                        "did the persona forget what the base knew?"),
                          ("loss", "Cross-entropy of the held-out reference replies (assistant tokens only); lower "
@@ -97,6 +99,9 @@ class ReportCardView(QWidget):
         self.sections.setDocumentMode(True)
         self.sections.addTab(self.replies, "Held-out replies")
         self.sections.addTab(self.knowledge, "Knowledge check")
+        self.signature_label = QLabel()
+        self.signature_label.setObjectName("muted")
+        self.signature_label.setWordWrap(True)
         self.empty_label = QLabel("No report card yet. Evaluate to ask the base and this persona the held-out "
                                   "questions and the knowledge check.")
         self.empty_label.setObjectName("muted")
@@ -115,6 +120,7 @@ class ReportCardView(QWidget):
         layout.addWidget(self.subtitle)
         layout.addWidget(self.banner)
         layout.addLayout(tiles)
+        layout.addWidget(self.signature_label)
         layout.addWidget(self.sections, 1)
         layout.addWidget(self.empty_label, 1)
 
@@ -145,6 +151,7 @@ class ReportCardView(QWidget):
         self.card = card
         self.sections.setVisible(card is not None)
         self.empty_label.setVisible(card is None)
+        self.signature_label.setVisible(card is not None)
         self.evaluate_button.setText("Evaluate again" if card else "Evaluate")
         if card is None:
             self.subtitle.setText("")
@@ -154,6 +161,9 @@ class ReportCardView(QWidget):
         self.subtitle.setText(f"{card.summary()}  —  {len(card.replies)} prompts from {card.prompt_source}; "
                               f"{card.base_model} in {card.quant}; {card.settings}; {card.created[:16].replace('T', ' ')}")
         self.tiles["style"].set(f"{_tally(card.style())} · {_tally(card.style('base'))}")
+        self.signature_label.setText(
+            f"Signature words (common in the training replies, rare in the base's): {', '.join(card.signature_words)}"
+            if card.signature_words else "No signature words: the style is judged by its character patterns alone.")
         self.tiles["loops"].set(f"{card.loops()} · {card.loops('base')}")
         self.tiles["topic"].set(f"{_tally(card.on_topic())} · {_tally(card.on_topic('base'))}")
         self.tiles["knowledge"].set(f"{card.knowledge_score()} · {card.knowledge_score('base')}")

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from app.core.chat import ChatSession, base_for
+from app.core.chat import BASE, ChatSession, GenerationSettings, base_for
 from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
 from app.core.errors import TailorError
 from app.core.evaluation import (
-    CARD_KEY, KnowledgeQuestion, ReportCard, StyleJudge, evaluate_adapter, held_out_prompts, plan_card,
-    knowledge_questions, loops, on_topic, words, prompts_from_file, repeated_phrase, save_report_card, saved_report_card,
+    CARD_KEY, EvaluationStopped, KnowledgeQuestion, ReportCard, SignatureWords, StyleJudge, TopicJudge, answer_together,
+    card_settings, evaluate_adapter, held_out_prompts, knowledge_questions, loops, plan_card, prompts_from_file,
+    repeated_phrase, save_report_card, saved_report_card, words,
 )
 from app.core.library import Library
 from app.core.training import run_training
@@ -54,14 +57,22 @@ def test_clean_replies_do_not_count_as_loops(text):
 # On topic
 
 
-def test_on_topic_needs_a_shared_content_word():
-    assert on_topic("Why is the sky blue?", "Because air scatters blue light the most, matey.")
-    assert on_topic("Why do we need to recycle?", "Recycling saves resources.")  # compared by stems
-    assert not on_topic("Why is the sky blue?", "Arr, I love me ship and me parrot!")
-    assert on_topic("Hi!", "Hello there.") is None  # nothing to check
-    # A possessive or contraction is still the word: real persona replies began "DNA's the molecule…".
-    assert on_topic("What is DNA?", "DNA's the molecule that tells everything about who we are, partner.")
-    assert on_topic("Why is the Dead Sea called dead?", "The sea's full o' salt, partner.")
+def test_topic_judge_on_the_real_base_credits_answers_and_catches_swapped_ones(smollm2_folder):
+    """Pirate replies written for the sample dataset, judged by the real SmolLM2: each reply ranks its own question
+    first among eight, though many share no word with it ("Arr, 'tis the sun…"); the same replies given to the
+    wrong questions do not."""
+    prompts = [prompt for prompt in prompts_from_file(DATASETS / "pirate.jsonl") if len(prompt.messages) == 1][:8]
+    judge = TopicJudge(ChatSession(str(smollm2_folder), "none"), [prompt.messages for prompt in prompts])
+    answered = [judge.on_topic(index, prompt.reference) for index, prompt in enumerate(prompts)]
+    swapped = [judge.on_topic(index, prompts[(index + 1) % len(prompts)].reference) for index in range(len(prompts))]
+    assert sum(answered) >= 7, answered
+    assert sum(swapped) <= 1, swapped
+    assert judge.on_topic(0, "") is False
+
+
+def test_a_topic_needs_other_questions_to_be_judged_against(tiny_base):
+    judge = TopicJudge(ChatSession(str(tiny_base), "none"), [[{"role": "user", "content": "Why is the sky blue?"}]])
+    assert judge.on_topic(0, "Because air scatters blue light the most.") is None
 
 
 # Knowledge
@@ -97,6 +108,28 @@ def test_style_judge_tells_a_persona_from_another_voice():
     judge = StyleJudge(pirate[:120], butler[:24])
     assert sum(judge.in_style(text) for text in pirate[120:150]) >= 27
     assert sum(judge.in_style(text) for text in butler[60:90]) <= 9
+
+
+def test_signature_words_are_the_personas_habits_not_common_words():
+    """Against butler replies standing in for the base: the cowboy's and the pirate's verbal habits, no function
+    words, and none for haiku, whose style is a form."""
+    butler = replies_of("butler.jsonl")[:24]
+    cowboy = SignatureWords(replies_of("cowboy.jsonl")[:120], butler).words
+    pirate = SignatureWords(replies_of("pirate.jsonl")[:120], butler).words
+    assert {"partner", "reckon", "y'all"} <= cowboy and {"matey", "arr", "ye"} <= pirate
+    assert not (cowboy | pirate) & {"the", "and", "you", "is", "a", "to"}
+    haiku = [row["response"] for row in csv.DictReader((DATASETS / "haiku.csv").open(encoding="utf-8"))]
+    assert not SignatureWords(haiku, butler).words
+
+
+def test_a_base_reply_that_slips_into_the_voice_counts_for_the_base():
+    """The base given the persona's system prompt sometimes plays along ("I reckon…"): that reply passes the
+    signature test too, which is why the card shows the base's own score as the floor."""
+    cowboy, butler = replies_of("cowboy.jsonl"), replies_of("butler.jsonl")[:24]
+    judge = StyleJudge(cowboy[:120], [*butler, "Well, I reckon the market is where folks trade, partner."])
+    assert judge.signature.used("I reckon it is so, partner.") == ["partner", "reckon"]
+    assert judge.in_style("Stocks are shares of a company, partner.")
+    assert not judge.in_style("Stocks are shares of a company, sold on an exchange.")
 
 
 @pytest.mark.parametrize("persona, base, unseen", [(0, 1, 2), (1, 2, 0), (2, 0, 1)])
@@ -177,7 +210,7 @@ def test_card_on_a_tiny_model_is_saved_in_the_manifest_and_reproducible(tiny_bas
     assert card.base_loss > 0 and card.persona_loss > 0 and card.loss_tokens > 0
     assert card.base_loss != card.persona_loss  # the adapter changed something
     assert "seed 0" in card.settings or "greedy" in card.settings
-    assert any("Knowledge question" in message for message in messages)
+    assert any(message.startswith("Replies: ") for message in messages)
 
     saved = save_report_card(library, "tiny", card)
     assert saved.manifest[CARD_KEY]["adapter"] == "tiny" and saved.manifest["kind"] == "trained"
@@ -186,6 +219,34 @@ def test_card_on_a_tiny_model_is_saved_in_the_manifest_and_reproducible(tiny_bas
 
     again = evaluate_adapter(session, library.get("tiny"), plan_card(library, library.get("tiny")))
     assert [pair.persona for pair in again.replies] == [pair.persona for pair in card.replies]
+
+
+def test_replies_decoded_together_are_the_ones_chat_gives_alone(tiny_base, chat_jsonl, tmp_path):
+    """The card decodes its replies in one batch, base and persona rows side by side; each is still the reply
+    `tailor chat` gives for that persona and seed, sampled or greedy. (On the real SmolLM2, a default card's 44
+    replies came out identical both ways.)"""
+    library = Library(tmp_path / "lib")
+    tiny_persona(tiny_base, chat_jsonl, library)
+    session = ChatSession(str(tiny_base), "none")
+    persona = session.load_adapter(library.get("tiny"))
+    sampled, greedy = card_settings(GenerationSettings(), 24), GenerationSettings(temperature=0, max_new_tokens=24)
+    asked = [([{"role": "user", "content": question}], choice, settings)
+             for question in ("What is rain?", "Name a planet.", "Why is the sky blue?")
+             for choice in (BASE, persona) for settings in (sampled, greedy)]
+    together = answer_together(session, asked)
+    # The tiny model's random tokens can end on half a character at the length limit: chat shows it as U+FFFD,
+    # the batch (the server's engine) leaves it out.
+    assert together == [session.reply(messages, choice, settings).rstrip("\ufffd") for messages, choice, settings in asked]
+    assert len(set(together)) > 2  # the personas and the settings made different replies
+
+
+def test_stopping_the_card_ends_its_replies(tiny_base):
+    session = ChatSession(str(tiny_base), "none")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(EvaluationStopped):
+        answer_together(session, [([{"role": "user", "content": "Tell me a long story."}], BASE,
+                                   GenerationSettings(max_new_tokens=2000))] * 3, stop)
 
 
 def test_eval_command_prints_the_card_and_json(tiny_base, chat_jsonl, tmp_path):

@@ -70,6 +70,7 @@ def test_library_button_opens_the_saved_card_without_recomputing_it(qtbot, tiny_
     qtbot.addWidget(view)
     assert view.isVisible() and view.job is None and view.card == sample_card("tiny")
     assert view.tiles["style"].value.text() == "2/3 · 0/3"
+    assert view.signature_label.text().endswith("matey, arr") and view.signature_label.isVisibleTo(view)
     assert "loops" in view.replies.item(1, 2).text()
 
 
