@@ -35,6 +35,7 @@ from app.core.estimate import MemoryPlan, memory_plan_for_run
 from app.core.config import RunConfig
 from app.core.data import IGNORE_INDEX, DatasetReport, Example, LoadedDataset, build_report, load_dataset_file, tokenize_dataset
 from app.core.diskspace import disk_space_errors, require_free_space
+from app.core.gpu import DeviceIdentity, torch_device_identity
 from app.core.errors import TailorError
 from app.core.heldout import prompts_of, split_rows, write_heldout
 from app.core.library import (
@@ -75,6 +76,14 @@ class StartEvent:
     """Examples kept out of training to measure the eval loss on (0: no evaluation)."""
     precision: str = ""
     """What the run computes in, and why, in plain words."""
+    gpu_uuid: str | None = None
+    """The CUDA device the run trains on, as torch names it in the training process (None on the CPU): the GPU
+    strip marks that GPU, whatever CUDA_VISIBLE_DEVICES or NVML's numbering say in the window's process."""
+    gpu_pci_bus_id: str | None = None
+
+    @property
+    def gpu(self) -> DeviceIdentity | None:
+        return DeviceIdentity(self.gpu_uuid, self.gpu_pci_bus_id) if self.gpu_uuid or self.gpu_pci_bus_id else None
 
 
 @dataclass(frozen=True)
@@ -763,8 +772,9 @@ def run_training(config: RunConfig, library: Library, sink: Sink = lambda event:
     control = control or TrainingControl()
     config = check_run_name(config, library, resume)
     run = setup(config, library, sink, resume)
+    gpu = torch_device_identity() if run.device == "cuda" else DeviceIdentity()
     sink(StartEvent(run.total_steps, run.progress.step, len(run.data.train), run.device, sum(p.numel() for p in run.trainable),
-                    len(run.data.heldout), run.precision.reason))
+                    len(run.data.heldout), run.precision.reason, gpu.uuid, gpu.pci_bus_id))
     run.model.train()
     session_started, last_event, steps_this_session, tokens_seen = time.monotonic(), 0.0, 0, 0
     while not run.finished and not control.interrupted:

@@ -127,6 +127,7 @@ class MainWindow(QMainWindow):
         self.interrupted_runs.resume_requested.connect(self.resume_training)
         self.training_panel.running_changed.connect(self._running_changed)
         self.training_panel.running_changed.connect(self.chat_pane.set_training_active)
+        self.training_panel.training_gpu.connect(self.gpu_strip.set_training_device)
         self.training_panel.adapter_ready.connect(self._adapter_ready)
         self.training_panel.chat_requested.connect(self.open_chat)
         self.training_panel.new_run_requested.connect(self.show_wizard)

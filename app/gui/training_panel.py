@@ -144,6 +144,8 @@ class TrainingPanel(QWidget):
     chat_requested = Signal(str)
     new_run_requested = Signal()
     running_changed = Signal(bool)
+    training_gpu = Signal(object)
+    """The DeviceIdentity of the GPU the run trains on, as its own process reports it."""
 
     def __init__(self, library: Library, parent: QWidget | None = None):
         super().__init__(parent)
@@ -305,6 +307,8 @@ class TrainingPanel(QWidget):
             resumed = f", resuming at step {event.start_step}" if event.start_step else ""
             self.status.setText(f"Training on the {event.device.upper()}: {event.examples:,} examples, "
                                 f"{event.trainable_params:,} trainable parameters{resumed}.")
+            if event.gpu is not None:
+                self.training_gpu.emit(event.gpu)
         elif isinstance(event, StepEvent):
             self._add_point(event)
         elif isinstance(event, EvalEvent):

@@ -136,3 +136,23 @@ def test_on_a_multi_gpu_machine_the_training_gpu_is_marked_and_shown_first(qtbot
     assert strip._gpu_gauges[0].details.text() == "Tailor trains here · 57% busy · 64 °C · 120 W"
     strip.resize(1100, strip.sizeHint().height())
     assert strip.grab().save(str(tmp_path / "gpu-strip.png"))
+
+
+def test_the_gpu_the_training_process_reports_is_the_one_marked(qtbot, fakes, open_window):
+    """The training child names its CUDA device in its start event (it may see other CUDA_VISIBLE_DEVICES than the
+    window); through the pipe's JSON and the training panel, the window's strip marks that GPU (FakeNvml)."""
+    import json
+
+    from app.core.training import StartEvent, event_from_dict, event_to_dict
+    from app.core.gpu import GpuMonitor
+
+    gpus = [fakes.FakeGpu(name="NVIDIA GeForce RTX 4070", uuid="GPU-aaaa-1", pci_bus_id="00000000:01:00.0"),
+            fakes.FakeGpu(name="NVIDIA GeForce RTX 3090", uuid="GPU-cccc-3", pci_bus_id="00000000:81:00.0")]
+    window = open_window(GpuMonitor(fakes.FakeNvml(gpus)))
+    started = StartEvent(10, 0, 40, "cuda", 1000, 0, "bf16", gpu_uuid="cccc-3", gpu_pci_bus_id="0000:81:00.0")
+    window.training_panel._on_event(event_from_dict(json.loads(json.dumps(event_to_dict(started)))))
+    strip = window.gpu_strip
+    qtbot.waitUntil(lambda: strip.latest.training_gpu is not None and strip.latest.training_gpu.index == 1, timeout=5000)
+    assert strip._gpu_gauges[0].caption.text() == "GPU 1 · NVIDIA GeForce RTX 3090"
+    assert strip._gpu_gauges[0].details.text().startswith("Tailor trains here")
+    assert StartEvent(10, 0, 40, "cpu", 1000).gpu is None
