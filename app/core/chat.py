@@ -26,6 +26,7 @@ from app.core.errors import AdapterError, TailorError
 from app.core.library import AdapterEntry, BaseProfile, Library, adapter_fit
 from app.core.mixing import MixSpec, combine, mix_problem
 from app.core.models import Progress, ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
+from app.core.omp_pool import hands_the_cpus_back
 from app.core.templates import place_system_prompt, render
 
 BASE = "base"
@@ -278,6 +279,7 @@ def choose_precision(requested: str, weight_count: int, device: str, free_bytes:
 
 
 class ChatSession:
+    @hands_the_cpus_back
     def __init__(self, base: str = "default", quant: str = "auto", device: str | None = None,
                  progress: Progress | None = None, trust_remote_code: bool = False):
         import torch
@@ -343,6 +345,7 @@ class ChatSession:
             raise AdapterError(f"'{choice}' is not open in this chat.", f"Open it first; open now: {opened}.")
         return self._keys[choice]
 
+    @hands_the_cpus_back
     def load_adapter(self, entry: AdapterEntry) -> str:
         """Load (once) and return the adapter's name; refuses an adapter that does not fit, with the reason."""
         if entry.name in self.adapters:
@@ -370,6 +373,7 @@ class ChatSession:
             self._refresh_layers()
         return entry.name
 
+    @hands_the_cpus_back
     def add_mix(self, name: str, spec: MixSpec) -> str:
         """Build the mix `spec` (over adapters opened here) as a new choice called `name`."""
         if name in self._keys or name == BASE:
@@ -388,6 +392,7 @@ class ChatSession:
             self._refresh_layers()
         return name
 
+    @hands_the_cpus_back
     def close(self, choice: str) -> None:
         """Unload an adapter or mix, freeing its memory; the base and the other choices stay as they are."""
         key = self.adapter_key(choice)
@@ -398,6 +403,7 @@ class ChatSession:
             del self._keys[choice]
             self._refresh_layers()
 
+    @hands_the_cpus_back
     def export_adapter(self, choice: str, folder: Path) -> Path:
         """Save one open adapter or mix as a plain PEFT folder inside `folder`; returns the folder it wrote."""
         key = self.adapter_key(choice)

@@ -13,8 +13,8 @@ prompt, so every difference comes from the adapter alone. The card holds:
 - loops: replies that repeat themselves (see `loops`);
 - on topic: replies that the base model finds likelier after their own question than after any other on the card
   (see `TopicJudge`);
-- knowledge: short general questions shipped in resources/eval/knowledge.jsonl, answered by base and persona and
-  scored by accepted keywords, so a persona that forgot what the base knew is caught.
+- knowledge: short general questions shipped in resources/eval/knowledge.jsonl, answered greedily by base and
+  persona and scored by accepted keywords, so a persona that forgot what the base knew is caught.
 
 Nothing at import time loads torch, so the library panel can summarise saved cards instantly.
 """
@@ -48,6 +48,10 @@ REPLY_TOKENS = 160
 """Reply length cap for held-out prompts: enough to show a loop or a drift off topic, short enough for a CPU."""
 KNOWLEDGE_TOKENS = 48
 """The knowledge questions want a word or a number; the keyword appears early or not at all."""
+KNOWLEDGE_TEMPERATURE = 0.0
+"""The knowledge questions are answered greedily: the check asks what a model knows, its most likely answer, and
+one draw at chat's temperature is too noisy for ten questions (a pirate persona's draws at seeds 0-4 scored 3, 7,
+9, 7 and 6 of 10, its base's 7, 3, 5, 5 and 3; greedily, 7 and 7)."""
 HELD_OUT_FRACTION = 0.1
 MAX_PROMPTS = 12
 LOSS_MAX_LEN = 1024
@@ -519,7 +523,7 @@ class ReportCard:
             lines += ["", f"[{index}] {pair.question}",
                       f"  base    [{reply_marks(pair.base_style, pair.base_loops, pair.base_on_topic)}]: {pair.base}",
                       f"  persona [{reply_marks(pair.persona_style, pair.persona_loops, pair.persona_on_topic)}]: {pair.persona}"]
-        lines += ["", "Knowledge:"]
+        lines += ["", "Knowledge (greedy answers: each model's most likely one):"]
         for answer in self.knowledge:
             lines.append(f"  {answer.question} (accepts {', '.join(answer.accept)}): base "
                          f"{'right' if answer.base_correct else 'wrong'}, persona {'right' if answer.persona_correct else 'wrong'}")
@@ -624,7 +628,7 @@ def build_report_card(session: ChatSession, persona: str, prompts: Sequence[Eval
     report = progress or (lambda message: None)
     system_prompt = session.system_prompt(persona)
     reply_settings = card_settings(settings)
-    knowledge_settings = card_settings(settings, KNOWLEDGE_TOKENS)
+    knowledge_settings = replace(card_settings(settings, KNOWLEDGE_TOKENS), temperature=KNOWLEDGE_TEMPERATURE)
 
     asked = [(with_system_prompt(prompt.messages, system_prompt), choice, reply_settings)
              for prompt in prompts for choice in (BASE, persona)]

@@ -87,8 +87,8 @@ class ReportCardView(QWidget):
                          ("loops", "Replies that say one phrase three times in a row, or mostly repeat themselves."),
                          ("topic", "Replies that the base model finds likelier after their own question than after any "
                                    "other question on the card."),
-                         ("knowledge", "Short general questions (resources/eval/knowledge.jsonl), scored by keywords: "
-                                       "did the persona forget what the base knew?"),
+                         ("knowledge", "Short general questions (resources/eval/knowledge.jsonl), answered greedily and "
+                                       "scored by keywords: did the persona forget what the base knew?"),
                          ("loss", "Cross-entropy of the held-out reference replies (assistant tokens only); lower "
                                   "means the persona expects replies like its data.")):
             self.tiles[key].setToolTip(tip)
