@@ -193,9 +193,11 @@ def loops(text: str) -> bool:
 
 RELEVANCE_TOKENS = 32
 """How much of a reply the topic judge reads: its opening, where a reply takes up its question or does not."""
-RELEVANCE_QUESTIONS = 12
-"""Questions the topic judge weighs each reply against, the card's own first, then knowledge questions as
-distractors: one in twelve is the chance of passing by luck."""
+RELEVANCE_QUESTIONS = 8
+"""Questions the topic judge weighs each reply against at least: the card's own, topped up with knowledge questions
+as distractors, so a reply passes by luck one time in eight at most. Not more: a distractor on the same subject as
+one of the card's questions takes the credit from it (a six-prompt pirate card asked "What's the boiling point of
+water?" beside twelve questions lost its right answer to "At what temperature in Celsius does water boil?")."""
 
 
 class TopicJudge:
