@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = {path.stem: path for path in sorted((REPO / "resources" / "datasets").glob("*.jsonl"))}
+DATASETS = {path.stem: path for path in sorted((REPO / "resources" / "datasets").iterdir()) if path.suffix in (".jsonl", ".csv")}
 
 
 def train(library: Path, dataset: Path, name: str, flags: list[str]) -> dict:
