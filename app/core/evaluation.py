@@ -193,6 +193,9 @@ def loops(text: str) -> bool:
 
 RELEVANCE_TOKENS = 32
 """How much of a reply the topic judge reads: its opening, where a reply takes up its question or does not."""
+_RELEVANCE_ROWS = 16
+"""Questions scored in one forward pass: each holds RELEVANCE_TOKENS x vocabulary logits (~6 MB on SmolLM2), so a
+prompts file of hundreds of questions is scored a slice at a time."""
 RELEVANCE_QUESTIONS = 8
 """Questions the topic judge weighs each reply against at least: the card's own, topped up with knowledge questions
 as distractors, so a reply passes by luck one time in eight at most. Not more: a distractor on the same subject as
@@ -205,8 +208,8 @@ class TopicJudge:
 
     The base model (no adapter) reads the reply's first RELEVANCE_TOKENS tokens as the answer to each question on
     the card (its prompts, topped up with knowledge questions to RELEVANCE_QUESTIONS); the reply is on topic when
-    its own question makes it more likely than every other question does. This ranks questions by how much they explain the reply
-    (pointwise mutual information): the persona's manner of talking is about as likely after any question, so only
+    its own question makes it more likely than every other question does. This ranks questions by how much they
+    explain the reply (pointwise mutual information): the persona's manner of talking is about as likely after any question, so only
     what the reply says counts, and an answer in other words than the question's is credited ("Who painted the
     Mona Lisa?" -> "Leonardo da Vinci, partner, back in 1503"). A reply that could follow any question as well as
     its own (small talk, a loop) is not.
@@ -219,8 +222,9 @@ class TopicJudge:
         tokenizer = session.tokenizer
         self._prompts = [list(render(tokenizer, place_system_prompt(tokenizer, list(messages)), add_generation_prompt=True,
                                      tokenize=True, return_dict=True)["input_ids"]) for messages in questions]
-        self._prefilled = None
-        """The questions run through the base once (cache, mask, next-token log-probabilities), for every reply."""
+        self._prefilled: list | None = None
+        """The questions run through the base once, a slice at a time (cache, mask, next-token log-probabilities),
+        for every reply."""
 
     def on_topic(self, question: int, reply: str) -> bool | None:
         """Whether `reply` is most likely after question number `question`; None with nothing to compare with."""
@@ -243,19 +247,23 @@ class TopicJudge:
         with session._lock, torch.inference_mode():
             session.select(BASE)
             if self._prefilled is None:
-                self._prefilled = self._prefill()
-            cache, mask, first = self._prefilled
-            rows, length = len(self._prompts), len(reply_ids)
-            target = torch.tensor(reply_ids, device=session.device).expand(rows, -1)
-            scores = first.gather(1, target[:, :1])
-            if length > 1:
-                logits = session.model(input_ids=target[:, :-1], cache=copy.deepcopy(cache), use_cache=True,
-                                       attention_mask=torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1),
-                                       position_ids=mask.sum(1, keepdim=True) + torch.arange(length - 1, device=mask.device)).logits
-                scores = scores + torch.log_softmax(logits.float(), dim=-1).gather(-1, target[:, 1:, None]).sum(dim=1)
-        return scores[:, 0].tolist()
+                self._prefilled = [self._prefill(self._prompts[first:first + _RELEVANCE_ROWS])
+                                   for first in range(0, len(self._prompts), _RELEVANCE_ROWS)]
+            scores: list[float] = []
+            length = len(reply_ids)
+            for cache, mask, first in self._prefilled:
+                rows = mask.shape[0]
+                target = torch.tensor(reply_ids, device=session.device).expand(rows, -1)
+                chunk = first.gather(1, target[:, :1])
+                if length > 1:
+                    logits = session.model(input_ids=target[:, :-1], cache=copy.deepcopy(cache), use_cache=True,
+                                           attention_mask=torch.cat([mask, mask.new_ones(rows, length - 1)], dim=1),
+                                           position_ids=mask.sum(1, keepdim=True) + torch.arange(length - 1, device=mask.device)).logits
+                    chunk = chunk + torch.log_softmax(logits.float(), dim=-1).gather(-1, target[:, 1:, None]).sum(dim=1)
+                scores += chunk[:, 0].tolist()
+        return scores
 
-    def _prefill(self):
+    def _prefill(self, prompts: list[list[int]]):
         """The questions, left-padded into one batch, through the base: its cache, mask and the log-probabilities of
         each question's next token (the reply's first)."""
         import torch
@@ -263,10 +271,10 @@ class TopicJudge:
 
         session = self._session
         pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else session.tokenizer.eos_token_id
-        width = max(map(len, self._prompts))
+        width = max(map(len, prompts))
         device = session.device
-        input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + prompt for prompt in self._prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in self._prompts], device=device)
+        input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + prompt for prompt in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts], device=device)
         cache = DynamicCache(config=session.base_model.config)
         logits = session.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                                cache=cache, use_cache=True, logits_to_keep=1).logits

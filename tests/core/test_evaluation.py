@@ -70,6 +70,18 @@ def test_topic_judge_on_the_real_base_credits_answers_and_catches_swapped_ones(s
     assert judge.on_topic(0, "") is False
 
 
+def test_many_questions_are_scored_a_slice_at_a_time_with_the_same_result(tiny_base, monkeypatch):
+    import app.core.evaluation as evaluation
+
+    session = ChatSession(str(tiny_base), "none")
+    questions = [[{"role": "user", "content": f"Question number {index}: why is the sky blue?"}] for index in range(7)]
+    reply = session.tokenizer("Because air scatters blue light the most.", add_special_tokens=False)["input_ids"]
+    whole = TopicJudge(session, questions).log_likelihoods(reply)
+    monkeypatch.setattr(evaluation, "_RELEVANCE_ROWS", 3)
+    sliced = TopicJudge(session, questions).log_likelihoods(reply)
+    assert len(sliced) == 7 and sliced == pytest.approx(whole, abs=1e-3)
+
+
 def test_a_topic_needs_other_questions_to_be_judged_against(tiny_base):
     judge = TopicJudge(ChatSession(str(tiny_base), "none"), [[{"role": "user", "content": "Why is the sky blue?"}]])
     assert judge.on_topic(0, "Because air scatters blue light the most.") is None
