@@ -313,10 +313,11 @@ class ServingEngine:
                            tokenize=True, return_dict=True)["input_ids"])
 
     def _mixable(self, model: str) -> bool:
-        if model == BASE or self.library is None:
+        entry = self._entry(model)  # the library's, or without one (the report card) the session's own
+        if entry is None:
             return True
         try:
-            return not self.library.get(model).adapter_config().get("use_dora")
+            return not entry.adapter_config().get("use_dora")
         except (OSError, ValueError):
             return True  # a damaged adapter fails when it is loaded, with the reason
 

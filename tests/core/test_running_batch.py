@@ -105,3 +105,16 @@ def test_real_smollm2_rows_joining_at_different_times_answer_as_tailor_chat(tmp_
     alone, batched = replies_alone_and_batched(session, jobs, {0: [0], 3: [1, 2], 6: [3]})
     assert all(len(reply) > 10 for reply in alone), alone
     assert batched == alone
+
+
+def test_a_dora_persona_answers_beside_base_rows_without_a_library(tiny_session):
+    """The report card runs the engine on a session with no library; a DoRA persona (which peft cannot run in a
+    mixed batch) still decodes apart from the base's rows and gives chat's reply."""
+    from app.core.chat import BASE, GenerationSettings
+    from app.core.evaluation import answer_together
+
+    greedy = GenerationSettings(temperature=0, max_new_tokens=12)
+    asked = [([{"role": "user", "content": question}], choice, greedy)
+             for question in ("What is rain?", "Name a planet.") for choice in (BASE, "dora")]
+    assert answer_together(tiny_session, asked) == [tiny_session.reply(*request).rstrip("\ufffd") for request in asked]
+
