@@ -8,7 +8,7 @@ from pathlib import Path
 from app.core.catalogue import CATALOGUE, DEFAULT_KEY, ModelShape, find_entry
 from app.core.config import QUANT_CHOICES
 from app.core.errors import TailorError
-from app.core.estimate import DEVICES, GB, estimate_training_memory, verdict
+from app.core.estimate import DEVICES, GB, checkpointing_words, estimate_training_memory, verdict
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="base weight precision (default 4bit)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="keep every activation instead of recomputing them (faster, much more memory)")
+    parser.add_argument("--checkpoint-every-n-layers", type=int, default=1, metavar="N",
+                        help="recompute only every N-th decoder block (default 1, every block; 2 is the middle step "
+                             "Tailor's automatic checkpointing may pick)")
     parser.add_argument("--device", choices=DEVICES, default=None,
                         help="where the run would train (default: the device this machine has); "
                              "plan a GPU run from a laptop with --device cuda")
@@ -83,7 +86,8 @@ def run(args) -> int:
     device = args.device or pick_device()
     estimate = estimate_training_memory(
         shape, quant=args.quant, rank=args.rank, max_len=args.max_len, batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing, device=device, checkpoint_bytes=checkpoint_bytes(args.base),
+        gradient_checkpointing=args.gradient_checkpointing, checkpoint_every_n_layers=args.checkpoint_every_n_layers,
+        device=device, checkpoint_bytes=checkpoint_bytes(args.base),
     )
 
     console = Console()
@@ -91,7 +95,8 @@ def run(args) -> int:
     console.print(f"{escape(name)}: {_count(shape.parameter_count)} parameters, {args.quant}, on the {device.upper()}",
                   soft_wrap=True)
     console.print(f"LoRA rank {args.rank} ({estimate.lora_param_count:,} trainable), batch {args.batch_size} x "
-                  f"{args.max_len} tokens, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+                  f"{args.max_len} tokens, "
+                  f"{checkpointing_words(args.gradient_checkpointing, args.checkpoint_every_n_layers)}",
                   soft_wrap=True)
     if not shape.is_known_architecture:
         console.print(f"[yellow]Tailor does not know the '{shape.architecture}' block layout; "

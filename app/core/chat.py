@@ -27,7 +27,7 @@ from app.core.library import AdapterEntry, BaseProfile, Library, adapter_fit
 from app.core.mixing import MixSpec, combine, mix_problem
 from app.core.models import Progress, ResolvedBase, load_model, load_tokenizer, pick_device, resolve_base
 from app.core.omp_pool import hands_the_cpus_back
-from app.core.templates import place_system_prompt, render
+from app.core.templates import place_system_prompt, prompt_ids, render
 
 BASE = "base"
 BASE_LABEL = "Base (no adapter)"
@@ -445,8 +445,7 @@ class ChatSession:
 
     def prompt_length(self, messages: list[dict[str, str]]) -> int:
         """Tokens the model reads for this conversation, the generation prompt included."""
-        return len(render(self.tokenizer, place_system_prompt(self.tokenizer, messages), add_generation_prompt=True,
-                          tokenize=True, return_dict=True)["input_ids"])
+        return len(prompt_ids(self.tokenizer, messages))
 
     def select(self, choice: str) -> None:
         """Make `choice` (an open adapter, a mix, or BASE) the one the next forward pass uses."""

@@ -171,7 +171,12 @@ class TrainingSettings:
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass: much less memory, slower steps. None (the default) decides when
     the run starts: off when the run fits comfortably without it, on when memory is tight
-    (app.core.estimate.choose_memory_plan); the run's saved config records what was decided."""
+    (app.core.estimate.choose_memory_plan), also choosing checkpoint_every_n_layers; the run's saved config records
+    what was decided."""
+    checkpoint_every_n_layers: int = 1
+    """With gradient checkpointing on: recompute only every n-th decoder block (blocks 0, n, 2n, ...) and let the
+    others keep their activations. 1 (every block) uses the least memory; 2 keeps about half of what checkpointing
+    saves and runs steps about 1.2x faster."""
     seed: int = 42
     """Seed for adapter initialisation, data order and dropout, so a run can be repeated."""
     checkpoint_every: int = 50
@@ -195,6 +200,8 @@ class TrainingSettings:
         _require(self.batch_size >= 1, f"Batch size must be at least 1, not {self.batch_size}.")
         _require(self.grad_accum >= 1, f"Gradient accumulation must be at least 1, not {self.grad_accum}.")
         _require(self.checkpoint_every >= 1, "Checkpoint interval must be at least 1 step.")
+        _require(self.checkpoint_every_n_layers >= 1,
+                 "Gradient checkpointing's block interval must be at least 1 (1 checkpoints every block).")
         _require(self.eval_every is None or self.eval_every >= 1, "Evaluation interval must be at least 1 step.")
         _require(self.keep in KEEP_CHOICES, f"Keep must be one of {', '.join(KEEP_CHOICES)}, not '{self.keep}'.")
 

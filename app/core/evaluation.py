@@ -216,12 +216,10 @@ class TopicJudge:
     """
 
     def __init__(self, session: ChatSession, questions: Sequence[Messages]):
-        from app.core.templates import place_system_prompt, render
+        from app.core.templates import prompt_ids
 
         self._session = session
-        tokenizer = session.tokenizer
-        self._prompts = [list(render(tokenizer, place_system_prompt(tokenizer, list(messages)), add_generation_prompt=True,
-                                     tokenize=True, return_dict=True)["input_ids"]) for messages in questions]
+        self._prompts = [prompt_ids(session.tokenizer, list(messages)) for messages in questions]
         self._prefilled: list | None = None
         """The questions run through the base once, a slice at a time (cache, mask, next-token log-probabilities),
         for every reply."""
@@ -270,7 +268,7 @@ class TopicJudge:
         from transformers import DynamicCache
 
         session = self._session
-        pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else session.tokenizer.eos_token_id
+        pad_id = _padding_id(session.tokenizer)
         width = max(map(len, prompts))
         device = session.device
         input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + prompt for prompt in prompts], device=device)
@@ -568,7 +566,7 @@ def held_out_loss(session: ChatSession, choice: str, prompts: Sequence[EvalPromp
     if not examples or session.peft_model is None:
         return None, 0
     total, tokens = 0.0, 0
-    pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else session.tokenizer.eos_token_id
+    pad_id = _padding_id(session.tokenizer)
     # generate() shares the model: hold the session's lock so no reply switches the adapter under this pass.
     with session._lock, torch.inference_mode():
         session.select(choice)
@@ -736,3 +734,8 @@ def saved_report_card(entry: AdapterEntry) -> ReportCard | None:
         return ReportCard.from_dict(data)
     except (TypeError, KeyError):
         return None
+
+
+def _padding_id(tokenizer) -> int:
+    """What fills the short rows of a batch: the pad token, else end-of-sequence (a base without a pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

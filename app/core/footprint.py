@@ -205,7 +205,8 @@ def footprint(config: RunConfig, total_steps: int = 1, device: str | None = None
     lora, data, training = config.lora, config.data, config.training
     plan = memory_plan_for_run(config, shape, device)
     settings = {"max_len": data.max_len, "batch_size": training.batch_size,
-                "gradient_checkpointing": plan.gradient_checkpointing, "device": device}
+                "gradient_checkpointing": plan.gradient_checkpointing,
+                "checkpoint_every_n_layers": plan.checkpoint_every_n_layers, "device": device}
     dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
     _, bytes_per_weight = _DTYPE_NAMES.get(dtype.removeprefix("torch."), ("F32", 4))
     return Footprint(

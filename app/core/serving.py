@@ -33,7 +33,7 @@ from app.core.running_batch import Row, RowSampler, RunningBatch
 from app.core.config import validate_adapter_name
 from app.core.errors import TailorError
 from app.core.library import AdapterEntry, Library
-from app.core.templates import place_system_prompt, render
+from app.core.templates import prompt_ids
 
 log = logging.getLogger("tailor.serve")
 
@@ -308,9 +308,7 @@ class ServingEngine:
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt's tokens exactly as the chat engine renders them (its template, its system-prompt placement)."""
-        tokenizer = self.session.tokenizer
-        return list(render(tokenizer, place_system_prompt(tokenizer, messages), add_generation_prompt=True,
-                           tokenize=True, return_dict=True)["input_ids"])
+        return prompt_ids(self.session.tokenizer, messages)
 
     def _mixable(self, model: str) -> bool:
         entry = self._entry(model)  # the library's, or without one (the report card) the session's own

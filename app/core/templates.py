@@ -94,3 +94,10 @@ def place_system_prompt(tokenizer, messages: Messages) -> Messages:
     if rest and rest[0]["role"] == "user":
         return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
     return [{"role": "user", "content": system}, *rest]
+
+
+def prompt_ids(tokenizer, messages: Messages) -> list[int]:
+    """A conversation waiting for its reply as the token ids the model reads: this template, with the system prompt
+    placed where it keeps one (place_system_prompt), and the generation prompt."""
+    return list(render(tokenizer, place_system_prompt(tokenizer, messages), add_generation_prompt=True, tokenize=True,
+                       return_dict=True)["input_ids"])

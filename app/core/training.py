@@ -321,6 +321,8 @@ class RunProgress:
     """Examples per forward pass now: the configured batch size, halved by each out-of-memory recovery."""
     gradient_checkpointing: bool = True
     """Whether activations are recomputed now: as planned, or turned on by an out-of-memory recovery."""
+    checkpoint_every_n_layers: int = 1
+    """With checkpointing: every n-th block recomputes; an out-of-memory recovery makes it every block (1)."""
     recoveries: list[dict] = field(default_factory=list)
     best_eval: dict | None = None
     """{"step": s, "eval_loss": x} of the lowest held-out loss so far; its adapter is in the run's BEST_NAME file."""
@@ -360,7 +362,7 @@ class TrainingRun:
         self.eval_every = training.eval_interval(self.total_steps)
         self.progress = RunProgress(micro_batch_size=training.batch_size, gradient_checkpointing=False)
         if training.gradient_checkpointing:
-            self._checkpoint_activations()
+            self._checkpoint_activations(training.checkpoint_every_n_layers)
         self.oom_simulator = OomSimulator()
         self._in_optimizer_update = False
 
@@ -487,11 +489,11 @@ class TrainingRun:
         _restore_rng_state(state["rng"])
         self.progress = RunProgress(**state["progress"])
         if self.progress.gradient_checkpointing:
-            self._checkpoint_activations()
+            self._checkpoint_activations(self.progress.checkpoint_every_n_layers)
 
     def recover_from_out_of_memory(self, error: BaseException) -> None:
-        """Halve the micro-batch (doubling accumulation, so each step trains the same examples), turn gradient
-        checkpointing on if it was off, and go on.
+        """Halve the micro-batch (doubling accumulation, so each step trains the same examples), checkpoint every
+        block if it did not, and go on.
 
         A failure in the forward or backward pass leaves the adapter and optimizer exactly as they were at the start
         of the step, so the step is simply retried: no work is lost. A failure inside the optimizer update may have
@@ -502,7 +504,8 @@ class TrainingRun:
         _free_memory(self.device)
         if self.device == "cpu":
             return_freed_memory_to_os()  # from here on the run keeps to its live tensors
-        nothing_left = self.progress.micro_batch_size == 1 and self.progress.gradient_checkpointing
+        every_block = self.progress.gradient_checkpointing and self.progress.checkpoint_every_n_layers == 1
+        nothing_left = self.progress.micro_batch_size == 1 and every_block
         if len(self.progress.recoveries) >= MAX_OOM_RECOVERIES or nothing_left:
             raise TailorError(
                 f"Training ran out of memory at step {failed_step} even with {self.progress.micro_batch_size} "
@@ -521,9 +524,9 @@ class TrainingRun:
             lost_steps = failed_step - 1 - self.progress.step
         can_halve = self.progress.micro_batch_size > 1
         changes = []
-        if not self.progress.gradient_checkpointing:
-            self._checkpoint_activations()
-            changes.append("gradient checkpointing on")
+        if not every_block:
+            self._checkpoint_activations(every_n_layers=1)
+            changes.append("gradient checkpointing on every block")
         if can_halve:
             self.progress.micro_batch_size = math.ceil(self.progress.micro_batch_size / 2)
         accumulation = math.ceil(self.config.training.examples_per_step / self.progress.micro_batch_size)
@@ -532,17 +535,18 @@ class TrainingRun:
                            "same examples per step")
         retry = "with " + (" and ".join(changes) or "the same settings, from the checkpoint")
         record = {"step": failed_step, "micro_batch_size": self.progress.micro_batch_size, "grad_accum": accumulation,
-                  "gradient_checkpointing": True, "lost_steps": lost_steps,
+                  "gradient_checkpointing": True, "checkpoint_every_n_layers": 1, "lost_steps": lost_steps,
                   "error": str(error).splitlines()[0][:200] if str(error) else type(error).__name__}
         self.progress.recoveries.append(record)
         lost = f" and went back {lost_steps} step(s) to the last checkpoint" if lost_steps else " (no work lost)"
         self.sink(RecoveryEvent(failed_step, self.progress.micro_batch_size, accumulation,
                                 f"Ran out of memory at step {failed_step}; retrying {retry}{lost}."))
 
-    def _checkpoint_activations(self) -> None:
+    def _checkpoint_activations(self, every_n_layers: int) -> None:
         self.model.get_base_model().activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False})
+            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers)
         self.progress.gradient_checkpointing = True
+        self.progress.checkpoint_every_n_layers = every_n_layers
 
     def publish(self) -> AdapterEntry:
         """Write the PEFT folder and manifest into staging, then rename it into the library in one step."""
@@ -753,8 +757,9 @@ def setup(config: RunConfig, library: Library, sink: Sink, resume: bool) -> Trai
         plan = dataclasses.replace(plan, reason="as chosen when the run started")
     else:
         config = config.replace(model=dataclasses.replace(config.model, quant=plan.quant),
-                                training=dataclasses.replace(config.training,
-                                                             gradient_checkpointing=plan.gradient_checkpointing))
+                                training=dataclasses.replace(
+                                    config.training, gradient_checkpointing=plan.gradient_checkpointing,
+                                    checkpoint_every_n_layers=plan.checkpoint_every_n_layers))
         _claim_run_dir(config, library)
     run = TrainingRun(config, library, sink, resolved, data, plan)
     if checkpoint is not None:

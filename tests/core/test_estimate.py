@@ -353,42 +353,66 @@ def test_estimate_matches_a_real_4bit_model_on_cpu(tiny_llama_folder):
     assert weights_estimate == pytest.approx(base_real + adapter_real + optimizer_real, rel=0.15)
 
 
-@pytest.mark.parametrize("dropout", [0.05, 0.0])
-def test_activation_estimate_covers_what_autograd_saves(tiny_llama_folder, dropout):
-    """Every tensor autograd keeps for the backward pass through the decoder, counted once per storage and
-    without the weights, must fit in the estimate, and the estimate must not be wildly above it: through peft's
-    forward (dropout) and through Tailor's fused one (dropout 0)."""
+def saved_for_backward(folder, dropout: float, batch: int, length: int, checkpoint_every_n_layers: int | None):
+    """Bytes the decoder keeps for the backward pass, each storage once, weights excluded: what autograd's saved
+    tensor hooks see, plus the input each checkpointed block holds for its recomputation (inside a checkpointed block
+    the checkpoint's own hooks take over, so nothing there reaches ours). Also whether Tailor's fused LoRA ran."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig
 
     from app.core.fused_lora import fuse_lora_layers
 
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama_folder))
-    batch, length = 4, 128
-    model = get_peft_model(load_4bit(tiny_llama_folder),
-                           LoraConfig(r=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+    base = load_4bit(folder)
+    if checkpoint_every_n_layers:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                             every_n_layers=checkpoint_every_n_layers)
+    model = get_peft_model(base, LoraConfig(r=16, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
     fused = fuse_lora_layers(model) > 0
-    assert fused == (dropout == 0)
     model.train()
     weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     saved: dict[int, int] = {}
 
-    def pack(tensor):
+    def keep(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in weights:
             saved[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor):
+        keep(tensor)
         return tensor
 
+    decoder = model.get_base_model().get_decoder()
+    checkpointed = [layer for layer in decoder.layers if layer.gradient_checkpointing]
+    assert len(checkpointed) == (math.ceil(len(decoder.layers) / checkpoint_every_n_layers)
+                                 if checkpoint_every_n_layers else 0)
+    hooks = [layer.register_forward_pre_hook(lambda module, args, kwargs: keep(args[0] if args else
+                                                                               kwargs["hidden_states"]),
+                                             with_kwargs=True) for layer in checkpointed]
+    shape = ModelShape.from_hf_config(model.get_base_model().config)
     tokens = torch.randint(3, shape.vocab_size, (batch, length))
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, length // 2:] = 0  # padding, so the attention mask is a real tensor as in training
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.get_base_model().get_decoder()(input_ids=tokens, attention_mask=mask)
-    measured = sum(saved.values())
+        decoder(input_ids=tokens, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    return sum(saved.values()), fused, shape
+
+
+@pytest.mark.parametrize(("dropout", "checkpoint_every_n_layers"), [(0.05, None), (0.0, None), (0.0, 2), (0.0, 1)])
+def test_activation_estimate_covers_what_autograd_saves(tiny_llama_folder, dropout, checkpoint_every_n_layers):
+    """Every tensor autograd keeps for the backward pass through the decoder must fit in the estimate, and the
+    estimate must not be wildly above it: through peft's forward (dropout) and through Tailor's fused one
+    (dropout 0), without checkpointing, checkpointing every other block and every block."""
+    batch, length = 4, 128
+    measured, fused, shape = saved_for_backward(tiny_llama_folder, dropout, batch, length, checkpoint_every_n_layers)
+    assert fused == (dropout == 0)
 
     estimate = estimate_training_memory(shape, quant="4bit", rank=16, max_len=length, batch_size=batch,
-                                        gradient_checkpointing=False, device="cpu", compute_bytes=4, fused_lora=fused)
+                                        gradient_checkpointing=checkpoint_every_n_layers is not None,
+                                        checkpoint_every_n_layers=checkpoint_every_n_layers or 1,
+                                        device="cpu", compute_bytes=4, fused_lora=fused)
     assert measured <= estimate.activations <= 1.6 * measured
 
 
@@ -461,31 +485,77 @@ def test_automatic_checkpointing_is_off_only_while_the_run_fits_comfortably_with
     shape = find_entry("smollm2-135m").shape
     settings = dict(rank=16, target_modules=("all-linear",), max_len=512, batch_size=8, device="cpu")
 
-    def room_for(quant: str, checkpointing: bool) -> int:
-        needed = estimate_training_memory(shape, quant=quant, gradient_checkpointing=checkpointing, **settings).total
+    def room_for(quant: str, checkpointing: bool, every_n_layers: int = 1) -> int:
+        needed = estimate_training_memory(shape, quant=quant, gradient_checkpointing=checkpointing,
+                                          checkpoint_every_n_layers=every_n_layers, **settings).total
         # Without checkpointing the plan also lets glibc keep freed blocks, so it allows for the heap's growth.
         return int(needed * (1 if checkpointing else UNPINNED_HEAP_GROWTH) / TIGHT_FRACTION) + 1
 
-    # Fastest plan first: 16-bit without checkpointing, then with it; 4-bit only when 16-bit does not fit either way.
-    assert room_for("none", False) > room_for("none", True)
-    for room, expected in ((room_for("none", False), ("none", False)),
-                           (room_for("none", False) - 1, ("none", True)),
-                           (room_for("none", True) - 1, ("4bit", room_for("4bit", False) > room_for("none", True) - 1))):
+    # Fastest plan first: 16-bit without checkpointing, then checkpointing every other block, then every block;
+    # 4-bit only when 16-bit does not fit any of those ways.
+    assert room_for("none", False) > room_for("none", True, 2) > room_for("none", True)
+    four_bit_below = room_for("none", True) - 1
+    expected_4bit = next(level for level in ((False, 1), (True, 2), (True, 1))
+                         if room_for("4bit", *level) <= four_bit_below)
+    for room, expected in ((room_for("none", False), ("none", False, 1)),
+                           (room_for("none", False) - 1, ("none", True, 2)),
+                           (room_for("none", True, 2) - 1, ("none", True, 1)),
+                           (four_bit_below, ("4bit", *expected_4bit))):
         plan = choose_memory_plan("auto", None, shape, room, **settings)
-        assert (plan.quant, plan.gradient_checkpointing) == expected
+        assert (plan.quant, plan.gradient_checkpointing, plan.checkpoint_every_n_layers) == expected
         assert f"gradient checkpointing {'on' if expected[1] else 'off'}" in plan.reason
+        assert ("every other block" in plan.reason) == (expected[2] == 2)
         if room > room_for("none", True):
             assert not plan.return_freed_memory, "it fits even with glibc's heap growth: the fast allocator"
     nothing_fits = choose_memory_plan("auto", None, shape, 10**6, **settings)
-    assert (nothing_fits.quant, nothing_fits.gradient_checkpointing) == ("4bit", True), "the most frugal plan"
+    assert (nothing_fits.quant, nothing_fits.gradient_checkpointing, nothing_fits.checkpoint_every_n_layers) == \
+        ("4bit", True, 1), "the most frugal plan"
     assert nothing_fits.return_freed_memory, "tight: the process keeps to its live tensors"
     forced_off = choose_memory_plan("4bit", False, shape, 10**6, **settings)
     assert not forced_off.gradient_checkpointing and forced_off.return_freed_memory
     just_fits = choose_memory_plan("none", True, shape, room_for("none", True), **settings)
     assert just_fits.return_freed_memory, "fits only at its live tensors: the allocator must not add to them"
+    assert just_fits.checkpoint_every_n_layers == 1, "checkpointing asked for, every block: the user's pick is kept"
+    every_other = choose_memory_plan("none", True, shape, 10**6, requested_every_n_layers=2, **settings)
+    assert (every_other.gradient_checkpointing, every_other.checkpoint_every_n_layers) == (True, 2)
     chosen_4bit = choose_memory_plan("4bit", None, shape, room_for("4bit", False), **settings)
     assert (chosen_4bit.quant, chosen_4bit.gradient_checkpointing) == ("4bit", False)
     assert "16-bit" not in chosen_4bit.reason and "chosen automatically" not in chosen_4bit.reason
+
+
+def test_checkpointing_every_other_block_keeps_the_other_blocks_activations():
+    shape = find_entry("llama3.2-1b").shape  # 16 blocks
+    settings = dict(rank=16, max_len=1024, batch_size=2, device="cuda")
+    off, every_other, every = (estimate_training_memory(shape, gradient_checkpointing=on,
+                                                        checkpoint_every_n_layers=every_n, **settings)
+                               for on, every_n in ((False, 1), (True, 2), (True, 1)))
+    # Half the blocks keep only their input, half keep everything: halfway between the two extremes.
+    assert every_other.activations == pytest.approx((off.activations + every.activations) / 2, rel=1e-6)
+    assert every_other.block_backward == every.block_backward, "a checkpointed block is still recomputed"
+    assert every_other.checkpoint_every_n_layers == 2
+    assert "every other block" in dict(zip(every_other.row_fields(), (l for l, _ in every_other.rows())))["activations"]
+    odd = find_entry("smollm2-135m").shape  # 30 blocks; n = 4 checkpoints blocks 0, 4, ..., 28: eight of them
+    one_in_four, every_odd, none_odd = (
+        estimate_training_memory(odd, gradient_checkpointing=on, checkpoint_every_n_layers=every_n, **settings)
+        for on, every_n in ((True, 4), (True, 1), (False, 1)))
+    kept_over_input = (none_odd.activations - every_odd.activations) / 30  # one block's activations less its input
+    assert one_in_four.activations == pytest.approx(every_odd.activations + 22 * kept_over_input, rel=1e-6)
+    with pytest.raises(TailorError):
+        estimate_training_memory(shape, checkpoint_every_n_layers=0)
+
+
+def test_auto_fit_checkpoints_every_other_block_before_every_block():
+    shape = find_entry("qwen2.5-1.5b").shape
+    every_other = _estimate(shape, batch_size=8, max_len=512, gradient_checkpointing=True, checkpoint_every_n_layers=2)
+    every = _estimate(shape, batch_size=8, max_len=512, gradient_checkpointing=True)
+    middle = auto_fit(shape, int(every_other.total / 0.84), batch_size=8, max_len=512)
+    assert (middle.gradient_checkpointing, middle.checkpoint_every_n_layers, middle.batch_size) == (True, 2, 8)
+    assert middle.changes == ("Turned gradient checkpointing on every other block (less memory, slower steps).",)
+    tighter = auto_fit(shape, int(every.total / 0.84), batch_size=8, max_len=512, gradient_checkpointing=True,
+                       checkpoint_every_n_layers=2)
+    assert (tighter.checkpoint_every_n_layers, tighter.batch_size) == (1, 8)
+    assert tighter.changes == ("Gradient checkpointing on every block instead of every other block "
+                               "(less memory, slower steps).",)
 
 
 LIVE_PEAK_PROGRAM = """
@@ -498,7 +568,7 @@ from app.core.estimate import estimate_training_memory
 from app.core.models import load_model
 from app.core.training import trained_token_loss
 
-checkpointing, length = sys.argv[1] == "1", int(sys.argv[2])
+every_n_layers, length = int(sys.argv[1]), int(sys.argv[2])  # every_n_layers 0: no checkpointing
 batch = 4
 config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
                      num_key_value_heads=4, vocab_size=16000, tie_word_embeddings=True, pad_token_id=0,
@@ -508,8 +578,9 @@ torch.manual_seed(0)
 LlamaForCausalLM(config).save_pretrained(folder)
 # fp32 like the estimate's compute_bytes below; pins glibc's mmap threshold, as a CPU run with tight memory does.
 model = load_model(folder, "4bit", "cpu", dtype=torch.float32)
-if checkpointing:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+if every_n_layers:
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=every_n_layers)
 model = get_peft_model(model, LoraConfig(r=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
 model.train()
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -527,7 +598,8 @@ for _ in range(2):
     (loss / count).backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 done.set(); sampler.join()
 estimate = estimate_training_memory(ModelShape.from_hf_config(config), batch_size=batch, max_len=length,
-                                    gradient_checkpointing=checkpointing, device="cpu", compute_bytes=4,
+                                    gradient_checkpointing=every_n_layers > 0,
+                                    checkpoint_every_n_layers=max(every_n_layers, 1), device="cpu", compute_bytes=4,
                                     trained_share=(length - 1) / length)
 # The base model was resident before the sampling started; the estimate's runtime and file terms are not tensors.
 predicted = estimate.total - estimate.runtime - estimate.mapped_checkpoint - estimate.base_weights
@@ -536,15 +608,15 @@ print(predicted / (peak[0] - before))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_cpu_estimate_matches_the_peak_of_real_training_steps(checkpointing):
+@pytest.mark.parametrize("checkpoint_every_n_layers", [1, 2, 0], ids=["every block", "every other block", "off"])
+def test_cpu_estimate_matches_the_peak_of_real_training_steps(checkpoint_every_n_layers):
     """Two real 4-bit QLoRA steps (Tailor's own loss) of a random Llama on the CPU, in a fresh process: the memory
     they add on top of the loaded model, sampled every millisecond, against the estimate for the same settings."""
     import subprocess
     import sys
     from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-c", LIVE_PEAK_PROGRAM, "1" if checkpointing else "0", "256"],
+    result = subprocess.run([sys.executable, "-c", LIVE_PEAK_PROGRAM, str(checkpoint_every_n_layers), "256"],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     ratio = float(result.stdout.split()[-1])

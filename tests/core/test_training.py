@@ -311,6 +311,32 @@ def test_out_of_memory_without_checkpointing_turns_it_on_as_it_shrinks_the_batch
     assert result.steps == 4
 
 
+def test_checkpointing_every_other_block_is_applied_resumed_and_tightened_by_out_of_memory(tiny_base, chat_jsonl,
+                                                                                          tmp_path):
+    from app.core.training import setup
+
+    def checkpointed(run) -> list[bool]:
+        return [layer.gradient_checkpointing for layer in run.model.get_base_model().get_decoder().layers]
+
+    library = Library(tmp_path / "lib")
+    config = tiny_config(tiny_base, chat_jsonl, gradient_checkpointing=True, checkpoint_every_n_layers=2)
+    run = setup(config, library, lambda event: None, resume=False)
+    blocks = len(checkpointed(run))
+    assert blocks >= 2 and checkpointed(run) == [index % 2 == 0 for index in range(blocks)]
+    run.save_checkpoint()
+    resumed = setup(config, library, lambda event: None, resume=True)
+    assert checkpointed(resumed) == checkpointed(run), "a resumed run checkpoints the blocks it did"
+
+    events = []
+    resumed.sink = events.append
+    resumed.recover_from_out_of_memory(MemoryError("simulated"))
+    assert checkpointed(resumed) == [True] * blocks
+    assert "gradient checkpointing on every block" in events[-1].message
+    assert resumed.progress.recoveries[-1]["checkpoint_every_n_layers"] == 1
+    resumed.save_checkpoint()
+    assert checkpointed(setup(config, library, lambda event: None, resume=True)) == [True] * blocks
+
+
 def test_out_of_memory_three_times_stops_with_the_fix_and_keeps_the_checkpoint(tiny_base, chat_jsonl, tmp_path,
                                                                               monkeypatch):
     monkeypatch.setenv("TAILOR_SIMULATE_OOM_AT", "3,4,5")

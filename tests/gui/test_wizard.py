@@ -10,7 +10,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QApplication
 
 from app.core.catalogue import find_entry
-from app.core.config import DataSettings, LoraSettings, ModelSource, TrainingSettings
+from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
 from app.core.estimate import FITS, WONT_FIT
 from app.core.gpu import GpuMonitor
 from app.gui.style import TRAINED_BACKGROUND
@@ -339,9 +339,33 @@ def test_review_weighs_the_estimate_against_free_vram_and_auto_fit_makes_it_fit(
     assert review.verdict == FITS
     assert adapter.batch_size.value() < 64
     assert adapter.batch_size.value() * adapter.grad_accum.value() == 64, "the effective batch is kept"
-    assert adapter.gradient_checkpointing.currentData() is True
+    assert adapter.gradient_checkpointing.currentData() == (True, 1), "a smaller batch comes after every block"
     assert review.changes.text().startswith("Auto-fit: ")
     assert review.estimate.total < 0.85 * 6 * fakes.GB
+
+
+def test_checkpointing_every_other_block_reaches_the_config_and_the_estimate(qtbot, open_window, no_gpu_monitor,
+                                                                            tiny_base, chat_jsonl):
+    wizard = open_window(no_gpu_monitor).wizard
+    reach_adapter_page(qtbot, wizard, tiny_base, chat_jsonl)
+    adapter = wizard.adapter_page
+    labels = [adapter.gradient_checkpointing.itemText(i) for i in range(adapter.gradient_checkpointing.count())]
+    adapter.gradient_checkpointing.setCurrentIndex(labels.index("On, every other block (faster, more memory)"))
+    training = adapter.choices().training
+    assert (training.gradient_checkpointing, training.checkpoint_every_n_layers) == (True, 2)
+    click(qtbot, wizard.next_button)
+    qtbot.waitUntil(lambda: wizard.current_index == 3)
+    review = wizard.review_page
+    assert (review.estimate.gradient_checkpointing, review.estimate.checkpoint_every_n_layers) == (True, 2)
+    shown = [review.breakdown.item(row, 0).text() for row in range(review.breakdown.rowCount())]
+    assert "Saved activations (gradient checkpointing every other block)" in shown
+
+    # A run repeated from the command line's settings keeps an interval the menu does not offer.
+    repeated = RunConfig(name="again", data=DataSettings(path=str(chat_jsonl)),
+                         training=TrainingSettings(gradient_checkpointing=True, checkpoint_every_n_layers=3))
+    adapter.restore(repeated)
+    assert adapter.gradient_checkpointing.currentText() == "On, every 3rd block"
+    assert adapter.choices().training.checkpoint_every_n_layers == 3
 
 
 def test_every_part_of_a_cpu_estimate_is_listed_and_drawn(qtbot, open_window, no_gpu_monitor, tiny_base, chat_jsonl):

@@ -16,7 +16,7 @@ from app.core.config import (
     validate_adapter_name,
 )
 from app.core.errors import TailorError
-from app.core.estimate import FitSuggestion
+from app.core.estimate import FitSuggestion, checkpointing_words
 from app.gui.wizard.base import WizardContext, WizardPage
 from app.gui.wizard.field_docs import tooltip
 
@@ -24,8 +24,9 @@ RANK_PRESETS = (("Light", 8), ("Balanced", 16), ("Strong", 64))
 METHOD_NAMES = {"lora": "LoRA (same rank in every layer)", "adalora": "AdaLoRA (rank goes where it helps)"}
 QUANT_NAMES = {"auto": "Automatic (16-bit when it fits comfortably, else 4-bit)", "4bit": "4-bit (QLoRA, least memory)",
                "8bit": "8-bit", "none": "None (16-bit LoRA: fastest and most exact, most memory)"}
-CHECKPOINTING_CHOICES = (("Automatic (off when memory allows)", None), ("On (least memory)", True),
-                         ("Off (fastest)", False))
+CHECKPOINTING_CHOICES = (("Automatic (off when memory allows)", (None, 1)), ("On, every block (least memory)", (True, 1)),
+                         ("On, every other block (faster, more memory)", (True, 2)), ("Off (fastest)", (False, 1)))
+"""(TrainingSettings.gradient_checkpointing, .checkpoint_every_n_layers) for each choice."""
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 """Attention projections by their peft names; Phi-3 fuses q, k and v into qkv_proj."""
 
@@ -113,8 +114,8 @@ class AdapterPage(WizardPage):
         self.dropout = _double_spin(0, 0.9, lora.dropout, 0.05, 2)
         self.grad_accum = _spin(1, 1024, training.grad_accum)
         self.gradient_checkpointing = QComboBox()
-        for label, value in CHECKPOINTING_CHOICES:
-            self.gradient_checkpointing.addItem(label, value)
+        for label, (on, every_n_layers) in CHECKPOINTING_CHOICES:
+            self.gradient_checkpointing.addItem(label, (on, every_n_layers))
         self.max_steps = _spin(0, 10_000_000, 0)
         self.max_steps.setSpecialValueText("by epochs")
         self.schedule = QComboBox()
@@ -287,7 +288,8 @@ class AdapterPage(WizardPage):
             epochs=self.epochs.value(), max_steps=self.max_steps.value() or None,
             learning_rate=self.learning_rate_value(), lr_schedule=self.schedule.currentText(),
             warmup_ratio=self.warmup.value(), batch_size=self.batch_size.value(), grad_accum=self.grad_accum.value(),
-            gradient_checkpointing=self.gradient_checkpointing.currentData(), seed=self.seed.value(),
+            gradient_checkpointing=self.gradient_checkpointing.currentData()[0],
+            checkpoint_every_n_layers=self.gradient_checkpointing.currentData()[1], seed=self.seed.value(),
             checkpoint_every=self.checkpoint_every.value(),
         )
         system_prompt = self.system_prompt.toPlainText().strip() or None
@@ -327,7 +329,7 @@ class AdapterPage(WizardPage):
         self.warmup.setValue(training.warmup_ratio)
         self.batch_size.setValue(training.batch_size)
         self.grad_accum.setValue(training.grad_accum)
-        self.gradient_checkpointing.setCurrentIndex(self.gradient_checkpointing.findData(training.gradient_checkpointing))
+        self._select_checkpointing(training.gradient_checkpointing, training.checkpoint_every_n_layers)
         self.checkpoint_every.setValue(training.checkpoint_every)
         self.seed.setValue(training.seed)
 
@@ -336,7 +338,15 @@ class AdapterPage(WizardPage):
         self.grad_accum.setValue(fit.grad_accum)
         self.max_len.setValue(fit.max_len)
         if fit.gradient_checkpointing:  # auto-fit only ever turns it on; an automatic choice stays automatic otherwise
-            self.gradient_checkpointing.setCurrentIndex(self.gradient_checkpointing.findData(True))
+            self._select_checkpointing(True, fit.checkpoint_every_n_layers)
+
+    def _select_checkpointing(self, on: bool | None, every_n_layers: int) -> None:
+        wanted = (on, every_n_layers if on else 1)
+        choices = [self.gradient_checkpointing.itemData(index) for index in range(self.gradient_checkpointing.count())]
+        if wanted not in choices:  # an interval only the command line offers, kept when a run is repeated
+            self.gradient_checkpointing.addItem(checkpointing_words(True, every_n_layers, "On,{}"), wanted)
+            choices.append(wanted)
+        self.gradient_checkpointing.setCurrentIndex(choices.index(wanted))
 
 
 def _name_from(stem: str) -> str:

@@ -264,7 +264,8 @@ class ReviewPage(WizardPage):
             self.context.model.shape, quant=plan.quant, rank=config.lora.largest_rank,
             target_modules=config.lora.target_modules, max_len=config.data.max_len,
             batch_size=config.training.batch_size, gradient_checkpointing=plan.gradient_checkpointing,
-            device=self.device(), fused_lora=config.lora.fused_forward,
+            checkpoint_every_n_layers=plan.checkpoint_every_n_layers, device=self.device(),
+            fused_lora=config.lora.fused_forward,
         )
 
     def _show_summary(self, config: RunConfig) -> None:
@@ -336,7 +337,8 @@ class ReviewPage(WizardPage):
                 rank=config.lora.largest_rank,
                 target_modules=config.lora.target_modules, max_len=config.data.max_len,
                 batch_size=training.batch_size, grad_accum=training.grad_accum,
-                gradient_checkpointing=plan.gradient_checkpointing, device=self.device(),
+                gradient_checkpointing=plan.gradient_checkpointing,
+                checkpoint_every_n_layers=plan.checkpoint_every_n_layers, device=self.device(),
                 fused_lora=config.lora.fused_forward,
             )
         except TailorError as exc:
