@@ -28,11 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SETTINGS = (  # (batch size, max length, gradient checkpointing): each of the three varies once from (4, 256, on)
-    (1, 256, True),
-    (4, 256, True),
-    (4, 512, True),
-    (4, 512, False),
+SETTINGS = (  # (batch size, max length, checkpointing every n-th block, 0: off): each varies once from (4, 256, 1)
+    (1, 256, 1),
+    (4, 256, 1),
+    (4, 512, 1),
+    (4, 512, 2),
+    (4, 512, 0),
 )
 RANK = 16
 SAMPLE_INTERVAL_S = 0.01
@@ -59,7 +60,7 @@ def _rss_bytes() -> tuple[int, int]:
     return info.rss, info.rss - info.shared
 
 
-def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: str) -> dict:
+def _child(batch: int, max_len: int, every_n_layers: int, steps: int, dataset: str) -> dict:
     import app.core.training as training
     from app.core.config import DataSettings, LoraSettings, ModelSource, RunConfig, TrainingSettings
     from app.core.estimate import MemoryPlan
@@ -70,7 +71,8 @@ def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: s
     # threshold pinned). A comfortable run lets glibc keep freed blocks too; the plan allows UNPINNED_HEAP_GROWTH
     # for that on top of the estimate, and the allocator's share is not the estimate's to predict.
     training.memory_plan_for_run = lambda *args, **kwargs: MemoryPlan(
-        "4bit", checkpointing, "set by the benchmark", return_freed_memory=True)
+        "4bit", every_n_layers > 0, "set by the benchmark", return_freed_memory=True,
+        checkpoint_every_n_layers=max(every_n_layers, 1))
 
     peaks = {"loading": 0, "training": 0, "loading_anon": 0, "training_anon": 0}
     phase = ["loading"]
@@ -97,7 +99,8 @@ def _child(batch: int, max_len: int, checkpointing: bool, steps: int, dataset: s
         name="rss", data=DataSettings(path=dataset, max_len=max_len), model=ModelSource(quant="4bit"),
         lora=LoraSettings(rank=RANK, alpha=2 * RANK),
         training=TrainingSettings(max_steps=steps, batch_size=batch, checkpoint_every=10_000,
-                                  gradient_checkpointing=checkpointing),
+                                  gradient_checkpointing=every_n_layers > 0,
+                                  checkpoint_every_n_layers=max(every_n_layers, 1)),
     )
     with tempfile.TemporaryDirectory() as library:
         run_training(config, Library(library), sink)
@@ -122,15 +125,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the measurements here")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # batch max_len checkpointing dataset
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)  # batch max_len every_n_layers dataset
     args = parser.parse_args()
     if args.child:
-        batch, max_len, checkpointing, dataset = args.child
-        print(json.dumps(_child(int(batch), int(max_len), checkpointing == "1", args.steps, dataset)))
+        batch, max_len, every_n_layers, dataset = args.child
+        print(json.dumps(_child(int(batch), int(max_len), int(every_n_layers), args.steps, dataset)))
         return 0
 
     from app.core.catalogue import DEFAULT_KEY, find_entry
-    from app.core.estimate import GB, estimate_training_memory
+    from app.core.estimate import GB, checkpointing_words, estimate_training_memory
     from app.core.precision import compute_dtype
 
     shape = find_entry(DEFAULT_KEY).shape
@@ -138,9 +141,9 @@ def main() -> int:
     rows, failures = [], 0
     with tempfile.TemporaryDirectory() as scratch:
         dataset = long_reply_dataset(Path(scratch) / "long.jsonl")
-        for batch, max_len, checkpointing in SETTINGS:
+        for batch, max_len, every_n_layers in SETTINGS:
             command = [sys.executable, __file__, "--steps", str(args.steps), "--child", str(batch), str(max_len),
-                       "1" if checkpointing else "0", str(dataset)]
+                       str(every_n_layers), str(dataset)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
                 print(result.stderr[-3000:], file=sys.stderr)
@@ -149,18 +152,20 @@ def main() -> int:
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             share = trained_share(dataset, max_len)
             estimate = estimate_training_memory(shape, quant="4bit", rank=RANK, max_len=max_len, batch_size=batch,
-                                                gradient_checkpointing=checkpointing, device="cpu",
+                                                gradient_checkpointing=every_n_layers > 0,
+                                                checkpoint_every_n_layers=max(every_n_layers, 1), device="cpu",
                                                 trained_share=share, checkpoint_bytes=4)  # fp32 conversion
-            rows.append({"batch": batch, "max_len": max_len, "checkpointing": checkpointing, "trained_share": share,
+            rows.append({"batch": batch, "max_len": max_len, "every_n_layers": every_n_layers, "trained_share": share,
                          "estimate": estimate.total, **measured,
                          "ratio": estimate.total / measured["ru_maxrss"]})
 
     print(f"SmolLM2-135M 4-bit on the CPU ({str(dtype).removeprefix('torch.')} compute), LoRA r{RANK}, "
           f"{args.steps} steps per run; GB = 2^30 bytes")
-    print(f"{'batch':>5} {'len':>5} {'ckpt':>5} {'trained':>8} {'load peak':>10} {'train peak':>11} "
+    print(f"{'batch':>5} {'len':>5} {'checkpointing':>32} {'trained':>8} {'load peak':>10} {'train peak':>11} "
           f"{'train anon':>11} {'peak RSS':>9} {'estimate':>9} {'est/RSS':>8}")
     for row in rows:
-        print(f"{row['batch']:>5} {row['max_len']:>5} {'on' if row['checkpointing'] else 'off':>5} "
+        words = checkpointing_words(row["every_n_layers"] > 0, max(row["every_n_layers"], 1))
+        print(f"{row['batch']:>5} {row['max_len']:>5} {words:>32} "
               f"{row['trained_share']:>8.0%} {row['loading'] / GB:>10.2f} {row['training'] / GB:>11.2f} "
               f"{row['training_anon'] / GB:>11.2f} {row['ru_maxrss'] / GB:>9.2f} {row['estimate'] / GB:>9.2f} "
               f"{row['ratio']:>8.2f}")

@@ -6,9 +6,10 @@ Three things every training and chat path needs to agree on:
   On CUDA bf16 only where the GPU multiplies it natively (compute capability 8.0, Ampere, and newer). On Turing and
   Pascal `torch.cuda.is_bf16_supported()` still answers yes, because bf16 can be *emulated* there, many times slower,
   so it is not asked; those GPUs get fp16, whose narrow range needs autocast and a GradScaler (the returned
-  `needs_grad_scaler`). On the CPU bf16 only where the CPU has native bf16 matrix units (AMX) and bf16 measured
-  clearly faster for the workload (BF16_TIME_ON_AMX): on this project's AMX test machine training steps did (0.86x
-  fp32's time) and chat generation did not, so training computes in bf16 there and chat in fp32.
+  `needs_grad_scaler`). On the CPU bf16 only where the CPU multiplies bf16 natively and bf16 measured clearly
+  faster for the workload on that kind of unit (BF16_TIME): on an AMX Xeon training steps did (0.86x fp32's time)
+  and chat generation did not, so training computes in bf16 there and chat in fp32; on an AMD EPYC with AVX512-BF16
+  and no AMX both did (0.60x and 0.83x), so both compute in bf16.
 - `is_out_of_memory(exc)`: an allocation failure, whatever shape it arrives in. torch raises `torch.OutOfMemoryError`
   for its caching allocator, but cuBLAS, bitsandbytes' CUDA kernels and the CPU allocator report the same event as a
   plain RuntimeError with a message, and Python's own allocator as MemoryError. All of them mean "the settings need
@@ -41,23 +42,31 @@ WORKLOADS = (TRAINING, GENERATION)
 """Training steps (large matmuls over whole batches) and chat generation (one token at a time) favour different
 dtypes on a CPU."""
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-"""/proc/cpuinfo flags of native bf16 arithmetic: AMX tiles (Sapphire Rapids and newer) and AVX512-BF16 dot products
-(Cooper Lake, Zen 4)."""
-CPU_BF16_UNIT = "amx_bf16"
-"""Only a CPU with AMX tiles could make bf16 pay: AVX512-BF16 alone has dot-product instructions but no tile unit
-behind them, and without either PyTorch emulates bf16. CPUs without AMX therefore compute in fp32 unmeasured."""
-BF16_TIME_ON_AMX = {TRAINING: 0.86, GENERATION: 2.09}
-"""bf16 time / fp32 time on this project's AMX CPU (Xeon with AMX + AVX512-BF16, 2 cores).
+"""/proc/cpuinfo flags of native bf16 arithmetic, strongest first: AMX tiles (Sapphire Rapids and newer) and
+AVX512-BF16 dot products (Cooper Lake, Zen 4)."""
+UNIT_NAMES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}
+BF16_TIME = {
+    "amx_bf16": {TRAINING: 0.86, GENERATION: 2.09},
+    "avx512_bf16": {TRAINING: 0.60, GENERATION: 0.83},
+}
+"""bf16 time / fp32 time, by the CPU's strongest native bf16 unit (cpu_bf16_unit), on 2-core machines.
 
-TRAINING: seconds per optimizer step of Tailor's own trainer on the bundled SmolLM2-135M (cowboy persona, batch 8,
-LoRA r16 on all linears, dropout 0, no gradient checkpointing; 5 steps after a warm-up step, each configuration in its
-own process, 2026-11-29): 4-bit base 5.33 s in bf16 against 6.43 s in fp32, and again 5.61 s against 6.78 s (0.83);
-16-bit base 5.48 s against 6.09 s (0.90). Holding fp32 weights under bf16 autocast instead was no better for the
-4-bit base (6.63 s) and kept twice the weight memory of a 16-bit base, so the weights themselves are bf16. (An
-earlier single measurement, 1.26, was taken while other jobs shared the 2 cores.)
-GENERATION: one-token forward passes of a 4-bit linear (576 -> 1536), 29.7 ms against 14.2 ms: decoding one token
-is too small for AMX tiles to pay, and norms, softmax and peft's LoRA path upcast to fp32 anyway.
-bench/trainer_levers.py repeats the training comparison, bench/cpu_compute_dtype.py the chat one."""
+amx_bf16, a Xeon with AMX tiles and AVX512-BF16 (2026-11-29). TRAINING: seconds per optimizer step of Tailor's own
+trainer on the bundled SmolLM2-135M (cowboy persona, batch 8, LoRA r16 on all linears, dropout 0, no gradient
+checkpointing; 5 steps after a warm-up step, each configuration in its own process): 4-bit base 5.33 s in bf16
+against 6.43 s in fp32, and again 5.61 s against 6.78 s (0.83); 16-bit base 5.48 s against 6.09 s (0.90). Holding
+fp32 weights under bf16 autocast instead was no better for the 4-bit base (6.63 s) and kept twice the weight memory
+of a 16-bit base, so the weights themselves are bf16. GENERATION: one-token forward passes of a 4-bit linear
+(576 -> 1536), 29.7 ms against 14.2 ms: decoding one token is too small for AMX tiles to pay.
+
+avx512_bf16 without AMX, an AMD EPYC (Zen 4) (2026-12-04). TRAINING: bench/trainer_levers.py, the same trainer and
+persona on the 16-bit base (Tailor's defaults), 2.30 s per step in bf16 against 3.83 s in fp32 (0.60), at 2388 MiB
+peak RSS against 3591; bench/cpu_compute_dtype.py's 4-bit loop agrees (6.00 s against 8.07 s, 0.74). GENERATION:
+bench/cpu_compute_dtype.py, greedy chat of the 4-bit SmolLM2, 32.1 new tokens/s in bf16 against 26.6 in fp32 (0.83).
+Zen 4 runs AVX512-BF16 dot products at full width, and without a tile unit to feed, even one-token steps gain.
+
+A CPU with neither unit emulates bf16 and is never given it. bench/trainer_levers.py repeats the training
+comparison, bench/cpu_compute_dtype.py the chat one."""
 BF16_WIN_RATIO = 0.9
 """bf16 is chosen for a workload only where it took at most this share of fp32's time: a clear win, not noise."""
 
@@ -100,27 +109,32 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset(flags & set(CPU_BF16_FLAGS))
 
 
+def cpu_bf16_unit(flags: frozenset[str]) -> str | None:
+    """The strongest native bf16 unit among `flags`: AMX tiles over AVX512-BF16 alone; None without either."""
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
 def cpu_prefers_bf16(flags: frozenset[str] | None = None, workload: str = TRAINING) -> bool:
     """Whether bf16 measured clearly faster than fp32 for `workload` on a CPU with these flags (default: this one);
     needs no torch."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, not {workload!r}")
-    flags = cpu_bf16_flags() if flags is None else flags
-    return CPU_BF16_UNIT in flags and BF16_TIME_ON_AMX[workload] <= BF16_WIN_RATIO
+    unit = cpu_bf16_unit(cpu_bf16_flags() if flags is None else flags)
+    return unit is not None and BF16_TIME[unit][workload] <= BF16_WIN_RATIO
 
 
 def cpu_precision(flags: frozenset[str], workload: str = TRAINING) -> ComputePrecision:
-    """bf16 where it measured clearly faster than fp32 (BF16_TIME_ON_AMX), fp32 everywhere else."""
+    """bf16 where it measured clearly faster than fp32 on this kind of bf16 unit (BF16_TIME), fp32 everywhere else."""
     import torch
 
+    unit = cpu_bf16_unit(flags)
+    if unit is None:
+        return ComputePrecision(torch.float32, False, "fp32: this CPU has no native bf16, where bf16 is emulated")
+    ratio, name = BF16_TIME[unit][workload], UNIT_NAMES[unit]
     if cpu_prefers_bf16(flags, workload):
-        return ComputePrecision(torch.bfloat16, False, f"bf16: {workload} measured faster in bf16 on AMX")
-    if CPU_BF16_UNIT in flags:
-        return ComputePrecision(torch.float32, False, f"fp32: {workload} measured {BF16_TIME_ON_AMX[workload]:.2f}x "
-                                                      "slower in bf16, even with AMX")
-    if flags:
-        return ComputePrecision(torch.float32, False, "fp32: this CPU has AVX512-BF16 but no AMX tiles")
-    return ComputePrecision(torch.float32, False, "fp32: this CPU has no native bf16, where bf16 is emulated")
+        return ComputePrecision(torch.bfloat16, False, f"bf16: {workload} measured {ratio:.2f}x fp32's time with {name}")
+    return ComputePrecision(torch.float32, False, f"fp32: {workload} measured {ratio:.2f}x fp32's time in bf16, "
+                                                  f"even with {name}")
 
 
 def compute_dtype(device: str, workload: str = TRAINING) -> ComputePrecision:
