@@ -88,12 +88,12 @@ def test_cpu_bf16_units_are_read_from_the_flags(extra, flags):
 
 
 @pytest.mark.parametrize("workload, measured_on_amx, measured_on_avx512_bf16",
-                         [(TRAINING, torch.bfloat16, torch.bfloat16), (GENERATION, torch.float32, torch.bfloat16)])
+                         [(TRAINING, torch.bfloat16, torch.bfloat16), (GENERATION, torch.float32, torch.float32)])
 def test_cpu_choice_follows_the_measurements_for_the_cpus_bf16_unit(monkeypatch, workload, measured_on_amx,
                                                                     measured_on_avx512_bf16):
     amx, avx512_bf16, none = frozenset({"amx_bf16", "avx512_bf16"}), frozenset({"avx512_bf16"}), frozenset()
-    # As measured (precision.BF16_TIME): on AMX training steps are faster in bf16 and one-token generation is not; on
-    # AVX512-BF16 without AMX (Zen 4) both are.
+    # As measured (precision.BF16_TIME): training steps are clearly faster in bf16 on both units; generation is slower
+    # in bf16 on AMX and too little faster on AVX512-BF16 alone (Zen 4) to give up reproducible batched replies.
     assert cpu_precision(amx, workload).dtype == measured_on_amx
     assert cpu_precision(avx512_bf16, workload).dtype == measured_on_avx512_bf16
     assert "with AMX" in cpu_precision(amx, workload).reason
@@ -101,7 +101,7 @@ def test_cpu_choice_follows_the_measurements_for_the_cpus_bf16_unit(monkeypatch,
     # Each unit follows its own measurement, and a CPU that emulates bf16 never gets it, whatever was measured.
     for ratio in (0.6, 1.5):
         monkeypatch.setitem(precision.BF16_TIME["avx512_bf16"], workload, ratio)
-        assert cpu_precision(avx512_bf16, workload).dtype == (torch.bfloat16 if ratio < 1 else torch.float32)
+        assert cpu_precision(avx512_bf16, workload).dtype == (torch.bfloat16 if ratio <= 0.6 else torch.float32)
         assert cpu_precision(amx, workload).dtype == measured_on_amx, "an AMX CPU goes by the AMX measurement"
         assert cpu_precision(none, workload).dtype == torch.float32
 
