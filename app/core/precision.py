@@ -138,8 +138,8 @@ def cpu_precision(flags: frozenset[str], workload: str = TRAINING) -> ComputePre
     ratio, name = BF16_TIME[unit][workload], UNIT_NAMES[unit]
     if cpu_prefers_bf16(flags, workload):
         return ComputePrecision(torch.bfloat16, False, f"bf16: {workload} measured {ratio:.2f}x fp32's time with {name}")
-    return ComputePrecision(torch.float32, False, f"fp32: {workload} measured {ratio:.2f}x fp32's time in bf16, "
-                                                  f"even with {name}")
+    return ComputePrecision(torch.float32, False, f"fp32: {workload} in bf16 measured {ratio:.2f}x fp32's time with "
+                                                  f"{name}, short of the {BF16_WIN_RATIO[workload]}x that would pay")
 
 
 def compute_dtype(device: str, workload: str = TRAINING) -> ComputePrecision:
