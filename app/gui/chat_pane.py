@@ -383,6 +383,7 @@ class ChatPane(QWidget):
         self._thread.quit()
         self._thread.wait()
         self._thread = None
+        self._worker.drop_session()  # the thread has ended: let go of the shared model from here
         self._worker = None
         # The model went with the worker: panels must stop judging adapters against it.
         loaded_base().publish(None)

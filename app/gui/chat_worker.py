@@ -6,12 +6,12 @@ needs. Stopping cannot be a queued call (the thread is busy generating), so the 
 directly: every request at or below it stops at the next token, or is skipped if it has not started.
 
 The worker remembers what the user opened (base, personas, mixes) apart from the session itself, so it can drop the
-model to free memory while training runs and rebuild the same state on the next message.
+model to free memory while training runs and rebuild the same state on the next message. The session itself comes
+from app.gui.shared_session: when "Serve to other apps" already holds the same base, the chat uses that one.
 """
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Signal, Slot
@@ -20,6 +20,7 @@ from app.core.chat import ChatSession, GenerationSettings, base_for
 from app.core.errors import TailorError
 from app.core.library import BaseProfile, Library
 from app.core.mixing import MixSpec, save_mix
+from app.gui.shared_session import shared_sessions
 from app.gui.workers import OUT_OF_MEMORY, describe_failure
 
 AUTO_BASE = "auto"
@@ -77,6 +78,7 @@ class ChatWorker(QObject):
     def __init__(self, library: Library):
         super().__init__()
         self.library = library
+        self._sessions = shared_sessions()
         self.cancelled_through = 0
         """Requests with an id up to this one are stopped; written by the GUI thread, read between tokens."""
         self.paused_reason: str | None = None
@@ -94,7 +96,7 @@ class ChatWorker(QObject):
     def configure_base(self, base: str, quant: str) -> None:
         if (base, quant) != (self._base, self._quant):
             self._base, self._quant = base, quant
-            self._drop_session()
+            self.drop_session()
 
     @Slot(str)
     def open_persona(self, name: str) -> None:
@@ -156,8 +158,12 @@ class ChatWorker(QObject):
     def release(self) -> None:
         """Free the model's memory (training needs it); the next request loads it again with the same personas."""
         if self._session is not None:
-            self._drop_session()
-            self.status.emit("The chat model was unloaded so training has the memory; it loads again after training.")
+            if self.drop_session():
+                self.status.emit("The chat model was unloaded so training has the memory; it loads again after "
+                                 "training.")
+            else:
+                self.status.emit("Chat let go of the model, but the server still serves it: training has that much "
+                                 "less memory until you turn serving off.")
 
     def _ensure_session(self) -> ChatSession:
         if self.paused_reason:
@@ -166,12 +172,15 @@ class ChatWorker(QObject):
             return self._session
         entries = [self.library.get(name) for name in self._personas if self.library.exists(name)]
         base, quant = base_for(entries, None if self._base == AUTO_BASE else self._base, self._quant)
-        self._session = ChatSession(base, quant, progress=self.status.emit)
+        self._session = self._sessions.open((str(self.library.root), self._base, self._quant),
+                                            lambda: ChatSession(base, quant, progress=self.status.emit), self)
         self.base_ready.emit(self._session.profile)
         self.precision_chosen.emit(self._session.precision.describe())
         for name in list(self._personas):
             self._load_persona(name)
         for name, spec in list(self._mixes.items()):
+            if self._session.mixes.get(name) == spec:
+                continue  # still there: the server held the session while chat let go of it
             try:
                 self._session.add_mix(name, spec)
             except Exception as exc:
@@ -200,16 +209,13 @@ class ChatWorker(QObject):
         self._mixes[name] = spec
         self.mix_ready.emit(name, session.system_prompt(name))
 
-    def _drop_session(self) -> None:
+    def drop_session(self) -> bool:
+        """Let go of the session; whether that freed it (False: the server still holds it). Emits nothing, so the
+        pane can call it once the worker's thread has ended."""
         if self._session is None:
-            return
-        device = self._session.device
+            return False
         self._session = None
-        gc.collect()
-        if device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        return self._sessions.close(self)
 
 
 class LoadedBase(QObject):

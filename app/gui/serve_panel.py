@@ -2,8 +2,9 @@
 
 Loading the model and stopping the server both take time, so each runs as a Job on its own QThread; the switch
 is disabled while one is under way. While serving, the panel shows the URL, the models served, and client
-examples (Python `openai`, curl) with Copy buttons. The server loads its own copy of the base model, so the chat
-can keep going beside it; it listens on this computer only (127.0.0.1).
+examples (Python `openai`, curl) with Copy buttons. The server serves the base the chat has chosen, sharing the
+chat's loaded model (app.gui.shared_session): the base is in memory once, and the chat keeps going beside it. It
+listens on this computer only (127.0.0.1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PySide6.QtWidgets import (
 from app.core.chat import BASE
 from app.core.library import Library
 from app.gui.failures import Failure
+from app.gui.shared_session import shared_sessions
 from app.gui.style import BAD, MUTED
 from app.gui.workers import Job, run_function
 from app.server.runner import DEFAULT_HOST, DEFAULT_PORT, BackgroundServer
@@ -35,13 +37,14 @@ class ServePanel(QGroupBox):
         super().__init__(parent)
         self.library = library
         self._chosen_base = chosen_base
+        self._sessions = shared_sessions()
         self.server: BackgroundServer | None = None
         self._job: Job | None = None
 
         self.switch = QCheckBox("Serve to other apps")
         self.switch.setToolTip("Answer OpenAI chat requests from other programs on this computer (Open WebUI, editor "
-                               "plugins, your scripts); the request's 'model' picks the persona. Loads its own copy "
-                               "of the base model.")
+                               "plugins, your scripts); the request's 'model' picks the persona. Serves the chat's "
+                               "base model, loaded once for both.")
         self.port = QSpinBox(minimum=1024, maximum=65535, value=DEFAULT_PORT, prefix="port ")
         self.status = QLabel(OFF_TEXT)
         self.status.setWordWrap(True)
@@ -91,16 +94,33 @@ class ServePanel(QGroupBox):
         base, quant = self._chosen_base()
         port = self.port.value()
         self._busy("starting", f"Starting on {DEFAULT_HOST}:{port}: loading the model and personas…")
-        self._job = run_function(lambda report: BackgroundServer.start(self.library, base, quant, DEFAULT_HOST, port,
-                                                                       progress=report))
+        self._job = run_function(lambda report: self._serve(base, quant, port, report))
         self._job.event.connect(lambda message: self._show(str(message)))
         self._job.succeeded.connect(self._started)
         self._job.failed.connect(self._start_failed)
 
+    def _serve(self, base: str, quant: str, port: int, report) -> BackgroundServer:
+        """On the job's thread: the server, on the chat's shared session (loaded here if the chat has none yet)."""
+        def open_session():
+            return self._sessions.open((str(self.library.root), base, quant), lambda: BackgroundServer.load_session(
+                self.library, base, quant, report), self)
+
+        try:
+            return BackgroundServer.start(self.library, base, quant, DEFAULT_HOST, port, progress=report,
+                                          open_session=open_session)
+        except BaseException:
+            self._sessions.close(self)
+            raise
+
     def _stop(self) -> None:
         server, self.server = self.server, None
         self._busy("stopping", "Stopping the server…")
-        self._job = run_function(lambda report: server.stop())
+
+        def stop(report) -> None:
+            server.stop()
+            self._sessions.close(self)
+
+        self._job = run_function(stop)
         self._job.finished.connect(self._stopped)
 
     @Slot(object)
@@ -135,6 +155,7 @@ class ServePanel(QGroupBox):
         if self.server is not None:
             self.server.stop()
             self.server = None
+            self._sessions.close(self)
 
     # Showing
 

@@ -49,6 +49,9 @@ class _Relay:
 
 def create_app(engine: ServingEngine, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="Tailor", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    # Endpoints find the engine through the request, never in their closures: FastAPI caches facts about endpoint
+    # functions for the life of the process, and a closure would keep the engine, and with it the model, alive
+    # after the server stops (the desktop app starts and stops servers in one process).
     app.state.engine = engine
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     _add_error_handlers(app)
@@ -59,14 +62,16 @@ def create_app(engine: ServingEngine, api_key: str | None = None, max_body_bytes
                                 headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/health")
-    def health() -> dict:
+    def health(request: Request) -> dict:
         # Open without a key (for monitors), so it says nothing about the personas beyond how many there are.
+        engine = request.app.state.engine
         return {"status": "ok", "version": __version__, "models": len(engine.model_names()),
                 "queued": engine.queued, "running": engine.running, "largest_batch": engine.largest_batch, **engine.counts}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         require_key(request)
+        engine = request.app.state.engine
         personas = await run_in_threadpool(engine.personas)
         base_id = engine.session.resolved.model_id
         data = [{"id": BASE, "object": "model", "created": int(engine.started), "owned_by": "tailor", "root": base_id,
@@ -79,6 +84,7 @@ def create_app(engine: ServingEngine, api_key: str | None = None, max_body_bytes
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         require_key(request)
+        engine = request.app.state.engine
         parsed = _parse(await request.body())
         serve_request = await run_in_threadpool(_serve_request, engine, parsed)
         relay = _Relay(asyncio.get_running_loop())

@@ -98,19 +98,28 @@ class BackgroundServer:
     def __init__(self, engine, http: ServerThread, api_key: str | None):
         self.engine, self.http, self.api_key = engine, http, api_key
 
+    @staticmethod
+    def load_session(library, base: str = "auto", quant: str = "auto", progress=None):
+        """The ChatSession `start` serves by default: `base` ('auto': the one most of the library's personas were
+        trained on) held as `quant`."""
+        from app.core.chat import ChatSession, base_for
+
+        entries = [entry for entry in library.entries() if entry.ok]
+        base, made_with_quant = base_for(entries, None if base == "auto" else base, None if quant == "auto" else quant)
+        return ChatSession(base, quant if quant == "auto" else made_with_quant, progress=progress)
+
     @classmethod
     def start(cls, library, base: str = "auto", quant: str = "auto", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-              api_key: str | None = None, progress=None) -> BackgroundServer:
-        from app.core.chat import ChatSession, base_for
+              api_key: str | None = None, progress=None, open_session=None) -> BackgroundServer:
+        """Serve the ChatSession `open_session()` gives (the desktop app: the one its chat shares), by default a new
+        one of `base` as `quant`; the address is bound first, so a port in use fails before anything loads."""
         from app.core.serving import ServingEngine
         from app.server.app import create_app
 
         check_exposure(host, api_key)
         sock = bind(host, port)
         try:
-            entries = [entry for entry in library.entries() if entry.ok]
-            base, made_with_quant = base_for(entries, None if base == "auto" else base, None if quant == "auto" else quant)
-            session = ChatSession(base, quant if quant == "auto" else made_with_quant, progress=progress)
+            session = open_session() if open_session else cls.load_session(library, base, quant, progress)
             engine = ServingEngine(session, library)
             engine.load_available(progress)
             engine.start()
@@ -127,5 +136,8 @@ class BackgroundServer:
         return self.engine.model_names()
 
     def stop(self) -> None:
+        """Stop listening and decoding, and let go of both: whoever still refers to this object (the job that
+        stopped it) must not keep the model alive, which the desktop app's chat may be sharing or wants freed."""
         self.http.stop()
         self.engine.close()
+        self.http = self.engine = None

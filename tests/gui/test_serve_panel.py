@@ -86,3 +86,71 @@ def test_a_port_in_use_turns_the_switch_back_off_with_the_reason(qtbot, pane):
         qtbot.waitUntil(lambda: states[-1:] == ["off"], timeout=30_000)
     assert not panel.switch.isChecked() and panel.switch.isEnabled()
     assert "Could not start" in panel.status.text() and "Pick another --port" in panel.status.text()
+
+
+def live_sessions() -> list:
+    import gc
+
+    from app.core.chat import ChatSession
+
+    gc.collect()
+    return [thing for thing in gc.get_objects() if isinstance(thing, ChatSession)]
+
+
+def start_serving(qtbot, panel) -> None:
+    states = []
+    panel.state_changed.connect(states.append)
+    panel.switch.setChecked(True)
+    qtbot.waitUntil(lambda: states[-1:] == ["serving"], timeout=START_TIMEOUT_MS)
+
+
+def stop_serving(qtbot, panel) -> None:
+    states = []
+    panel.state_changed.connect(states.append)
+    panel.switch.setChecked(False)
+    qtbot.waitUntil(lambda: states[-1:] == ["off"], timeout=60_000)
+
+
+def test_chat_and_server_share_one_loaded_model_whichever_starts_first(qtbot, pane):
+    """One base in memory for the chat and the server: the server takes the chat's session, the chat takes the
+    server's, and either one stopping leaves the other working on it."""
+    assert live_sessions() == [], "the server stopped in the tests before freed its model"
+    pane.open_persona("alpha")
+    qtbot.waitUntil(lambda: pane._worker is not None and pane._worker._session is not None, timeout=START_TIMEOUT_MS)
+    chat_session = pane._worker._session
+    panel = pane.serve_panel
+    start_serving(qtbot, panel)
+    assert panel.server.engine.session is chat_session
+    assert live_sessions() == [chat_session], "one model in memory, not one for the chat and one for the server"
+    client = openai.OpenAI(base_url=panel.url, api_key="unused", max_retries=0, timeout=60)
+    assert client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0).usage.completion_tokens >= 1
+
+    # Training asks the chat to let go: the server still holds the model, and the chat says so.
+    pane.set_training_active(True)
+    qtbot.waitUntil(lambda: "still serves it" in pane.status.text(), timeout=30_000)
+    assert pane._worker._session is None
+    assert client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0).usage.completion_tokens >= 1
+    # After training, the chat's next need for a model takes the server's, with its personas already loaded.
+    pane.set_training_active(False)
+    pane.open_persona("beta")
+    qtbot.waitUntil(lambda: pane._worker._session is not None, timeout=START_TIMEOUT_MS)
+    assert pane._worker._session is chat_session and live_sessions() == [chat_session]
+
+    stop_serving(qtbot, panel)
+    assert live_sessions() == [chat_session], "the chat still uses it"
+    pane.shutdown()
+    del chat_session
+    assert live_sessions() == [], "nobody holds it any more: freed"
+
+
+def test_the_server_loads_the_model_the_chat_then_uses(qtbot, pane):
+    panel = pane.serve_panel
+    start_serving(qtbot, panel)
+    served = panel.server.engine.session
+    pane.open_persona("alpha")
+    qtbot.waitUntil(lambda: pane._worker is not None and pane._worker._session is not None, timeout=START_TIMEOUT_MS)
+    assert pane._worker._session is served and live_sessions() == [served]
+    stop_serving(qtbot, panel)
+    assert pane._worker._session is served and live_sessions() == [served], "the chat keeps it"
