@@ -683,7 +683,6 @@ class ChatPane(QWidget):
         thread = QThread()
         thread.setObjectName("ChatWorker")
         worker.moveToThread(thread)
-        thread.finished.connect(worker.deleteLater)
         self._configure_base.connect(worker.configure_base)
         self._open_persona.connect(worker.open_persona)
         self._generate.connect(worker.generate)

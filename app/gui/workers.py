@@ -1,7 +1,10 @@
 """Running slow core work (model conversion, dataset scans, training) off the GUI thread.
 
 The shape follows napari/superqt: a worker QObject moved to a plain QThread, `thread.started → worker.run`,
-`worker.finished → thread.quit`, `deleteLater` on both. A `Job` is the GUI thread's view of one such worker: the
+`worker.finished → thread.quit`, `thread.finished → thread.deleteLater`. The worker is not `deleteLater`-ed on its
+own thread: PySide 6.11 deadlocked there (the ending thread destroyed the worker holding the GIL and waiting for
+Qt's connection lock, while the GUI thread held that lock waiting for the GIL). The Job lets go of it on the GUI
+thread once the thread has ended, and it is deleted there. A `Job` is the GUI thread's view of one such worker: the
 worker's signals are relayed through it, so whatever a page connects to them runs on the GUI thread. (PySide6 runs a
 lambda connected straight to a worker's signal on the *worker's* thread, which is how GUIs end up touching widgets
 from the wrong thread.) Training goes one step further: its worker drives a child process (see TrainingWorker).
@@ -154,7 +157,6 @@ class Job(QObject):
         self._thread.started.connect(worker.run)
         # Direct: quit() is thread-safe, and a queued call would wait for the GUI thread, which wait() may block.
         worker.finished.connect(self._thread.quit, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(worker.deleteLater)
         self._thread.finished.connect(self._thread_ended)
         self._thread.finished.connect(self._thread.deleteLater)
         # Signal-to-signal: the receiver is this GUI-thread object, so Qt queues each emission over to it.
