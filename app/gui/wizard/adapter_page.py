@@ -114,8 +114,8 @@ class AdapterPage(WizardPage):
         self.dropout = _double_spin(0, 0.9, lora.dropout, 0.05, 2)
         self.grad_accum = _spin(1, 1024, training.grad_accum)
         self.gradient_checkpointing = QComboBox()
-        for label, (on, every_n_layers) in CHECKPOINTING_CHOICES:
-            self.gradient_checkpointing.addItem(label, (on, every_n_layers))
+        for label, value in CHECKPOINTING_CHOICES:
+            self.gradient_checkpointing.addItem(label, value)
         self.max_steps = _spin(0, 10_000_000, 0)
         self.max_steps.setSpecialValueText("by epochs")
         self.schedule = QComboBox()
