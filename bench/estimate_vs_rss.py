@@ -39,6 +39,11 @@ RANK = 16
 SAMPLE_INTERVAL_S = 0.01
 
 
+def checkpointing(every_n_layers: int) -> dict:
+    """A setting's checkpointing as the estimate and TrainingSettings take it (every_n_layers 0: off)."""
+    return {"gradient_checkpointing": every_n_layers > 0, "checkpoint_every_n_layers": max(every_n_layers, 1)}
+
+
 def long_reply_dataset(path: Path, rows: int = 24) -> Path:
     """Chat examples whose replies run past 1024 tokens, built from the bundled pirate replies."""
     source = [json.loads(line) for line in (REPO / "resources" / "datasets" / "pirate.jsonl").read_text().splitlines()]
@@ -70,9 +75,10 @@ def _child(batch: int, max_len: int, every_n_layers: int, steps: int, dataset: s
     # What the estimate models: the live tensors, which is what a run planned as tight keeps to (glibc's mmap
     # threshold pinned). A comfortable run lets glibc keep freed blocks too; the plan allows UNPINNED_HEAP_GROWTH
     # for that on top of the estimate, and the allocator's share is not the estimate's to predict.
+    planned = checkpointing(every_n_layers)
     training.memory_plan_for_run = lambda *args, **kwargs: MemoryPlan(
-        "4bit", every_n_layers > 0, "set by the benchmark", return_freed_memory=True,
-        checkpoint_every_n_layers=max(every_n_layers, 1))
+        "4bit", planned["gradient_checkpointing"], "set by the benchmark", return_freed_memory=True,
+        checkpoint_every_n_layers=planned["checkpoint_every_n_layers"])
 
     peaks = {"loading": 0, "training": 0, "loading_anon": 0, "training_anon": 0}
     phase = ["loading"]
@@ -98,9 +104,7 @@ def _child(batch: int, max_len: int, every_n_layers: int, steps: int, dataset: s
     config = RunConfig(
         name="rss", data=DataSettings(path=dataset, max_len=max_len), model=ModelSource(quant="4bit"),
         lora=LoraSettings(rank=RANK, alpha=2 * RANK),
-        training=TrainingSettings(max_steps=steps, batch_size=batch, checkpoint_every=10_000,
-                                  gradient_checkpointing=every_n_layers > 0,
-                                  checkpoint_every_n_layers=max(every_n_layers, 1)),
+        training=TrainingSettings(max_steps=steps, batch_size=batch, checkpoint_every=10_000, **planned),
     )
     with tempfile.TemporaryDirectory() as library:
         run_training(config, Library(library), sink)
@@ -152,9 +156,8 @@ def main() -> int:
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             share = trained_share(dataset, max_len)
             estimate = estimate_training_memory(shape, quant="4bit", rank=RANK, max_len=max_len, batch_size=batch,
-                                                gradient_checkpointing=every_n_layers > 0,
-                                                checkpoint_every_n_layers=max(every_n_layers, 1), device="cpu",
-                                                trained_share=share, checkpoint_bytes=4)  # fp32 conversion
+                                                device="cpu", trained_share=share, checkpoint_bytes=4,  # fp32 file
+                                                **checkpointing(every_n_layers))
             rows.append({"batch": batch, "max_len": max_len, "every_n_layers": every_n_layers, "trained_share": share,
                          "estimate": estimate.total, **measured,
                          "ratio": estimate.total / measured["ru_maxrss"]})
@@ -164,7 +167,8 @@ def main() -> int:
     print(f"{'batch':>5} {'len':>5} {'checkpointing':>32} {'trained':>8} {'load peak':>10} {'train peak':>11} "
           f"{'train anon':>11} {'peak RSS':>9} {'estimate':>9} {'est/RSS':>8}")
     for row in rows:
-        words = checkpointing_words(row["every_n_layers"] > 0, max(row["every_n_layers"], 1))
+        setting = checkpointing(row["every_n_layers"])
+        words = checkpointing_words(setting["gradient_checkpointing"], setting["checkpoint_every_n_layers"])
         print(f"{row['batch']:>5} {row['max_len']:>5} {words:>32} "
               f"{row['trained_share']:>8.0%} {row['loading'] / GB:>10.2f} {row['training'] / GB:>11.2f} "
               f"{row['training_anon'] / GB:>11.2f} {row['ru_maxrss'] / GB:>9.2f} {row['estimate'] / GB:>9.2f} "

@@ -2,13 +2,13 @@
 changed at a time, against the trainer's previous defaults measured in the same run.
 
 Levers: gradient checkpointing (on / off), LoRA dropout (0.05 / 0), compute dtype on the CPU (fp32 / bf16, where
-the CPU has AMX), glibc's allocator (mmap threshold pinned so freed memory goes straight back to the OS, or left to
-glibc so freed blocks are reused), the LoRA forward (peft's, or app.core.fused_lora's), the attention kernel of
-short batches (fused, or eager: app.core.attention) and the base's precision (16-bit / 4-bit); then, on the new
-defaults, torch's threads cut to one and every decoder block compiled with torch.compile (not kept), and gradient
-checkpointing on every other block only (kept: automatic checkpointing's middle step). The reference row is
-the trainer as it shipped before these levers: fp32, dropout 0.05, checkpointing on, allocator pinned, peft's
-forward, fused attention, 16-bit base. Each configuration runs in its own process on the cowboy persona (batch 8,
+the CPU has native bf16: AMX or AVX512-BF16), glibc's allocator (mmap threshold pinned so freed memory goes straight
+back to the OS, or left to glibc so freed blocks are reused), the LoRA forward (peft's, or app.core.fused_lora's),
+the attention kernel of short batches (fused, or eager: app.core.attention) and the base's precision (16-bit /
+4-bit); then, on the new defaults, torch's threads cut to one and every decoder block compiled with torch.compile
+(not kept), and gradient checkpointing on every other block only (kept: automatic checkpointing's middle step). The
+reference row is the trainer as it shipped before these levers: fp32, dropout 0.05, checkpointing on, allocator
+pinned, peft's forward, fused attention, 16-bit base. Each configuration runs in its own process on the cowboy persona (batch 8,
 rank 16 on all linears, no held-out split), and is timed from the end of its first step (warm-up) to the end of the
 last; peak RSS is the process's own. "To step 1" is the time from the start of `run_training` to the end of its
 first step: loading, and torch.compile's compiling where it is on.
@@ -75,8 +75,8 @@ def measure(settings: dict, steps: int) -> dict:
 
     def set_up_layers(model):
         fused = fuse(model)
-        for block in model.get_base_model().model.layers:
-            if settings["compile"]:
+        if settings["compile"]:
+            for block in model.get_base_model().model.layers:
                 block.compile()
         return fused
 

@@ -73,19 +73,20 @@ def _stack(layer, keys: list[str | None]):
     present = {key for key in keys if key is not None and key in getattr(layer, "lora_A", {})}
     if not present:
         return None
-    first = layer.lora_A[next(iter(present))].weight
+    some_key = next(iter(present))
+    first = layer.lora_A[some_key].weight
     scaling = torch.tensor([layer.scaling[key] if key in present else 0.0 for key in keys], dtype=first.dtype,
                            device=first.device).view(-1, 1, 1)
     if len({layer.lora_A[key].weight.shape for key in present}) == 1:
         # One rank: one stacking copy per matrix. The batch's composition changes with every request that joins or
         # leaves, and on SmolLM2's 210 layers building the stacks row by row took longer than a decode step.
-        zero_a, zero_b = (torch.zeros_like(first), torch.zeros_like(layer.lora_B[next(iter(present))].weight)) \
+        zero_a, zero_b = (torch.zeros_like(first), torch.zeros_like(layer.lora_B[some_key].weight)) \
             if len(present) < len(keys) else (None, None)
         a = torch.stack([layer.lora_A[key].weight if key in present else zero_a for key in keys])
         b = torch.stack([layer.lora_B[key].weight if key in present else zero_b for key in keys])
         return layer, a, b, scaling
     rank = max(layer.lora_A[key].weight.shape[0] for key in present)
-    out_features = layer.lora_B[next(iter(present))].weight.shape[0]
+    out_features = layer.lora_B[some_key].weight.shape[0]
     a = torch.zeros(len(keys), rank, first.shape[1], dtype=first.dtype, device=first.device)
     b = torch.zeros(len(keys), out_features, rank, dtype=first.dtype, device=first.device)
     for row, key in enumerate(keys):

@@ -2,9 +2,9 @@
 
 A base model is the largest thing Tailor holds in memory, and the chat and the server would otherwise each load
 their own copy of the same one. Here each of them `open`s the session for the library and the (base, quant) the
-chat pane has chosen, and gets the one already loaded if there is one. The session stays while anyone holds it: the chat letting
-go (training needs the memory, or another base was picked) leaves the server serving, and the server stopping
-leaves the chat chatting. ChatSession serialises its own model use (its lock), so both can work at once.
+chat pane has chosen, and gets the one already loaded if there is one. The session stays while anyone holds it:
+the chat letting go (training needs the memory, or another base was picked) leaves the server serving, and the
+server stopping leaves the chat chatting. ChatSession serialises its own model use (its lock), so both can work at once.
 
 Loading happens under this object's lock, so two holders asking at once wait for one load rather than making two.
 Both ask from worker threads, never from the GUI thread.
