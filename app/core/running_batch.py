@@ -22,11 +22,13 @@ single-adapter path runs. Each row samples with its own settings and its own ran
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from app.core import row_lora
 from app.core.chat import BASE, ChatSession, GenerationSettings, _logits_processors
+from app.core.skinny_linear import SkinnyLinears
 
 PEFT_BASE_ROW = "__base__"
 """peft's name, in a mixed batch, for a row that uses no adapter."""
@@ -112,6 +114,8 @@ class RunningBatch:
         model with sliding-window or recurrent layers (Gemma 2, ...) takes new rows only into an empty batch."""
         self.row_attention = _use_row_attention(session.base_model)
         """Whether each row attends through its own tokens only (see `_row_attention`) rather than a padding mask."""
+        self.skinny = SkinnyLinears(session.base_model) if session.device == "cpu" else None
+        """The plain linear layers, which a step of several rows runs as W·xᵀ on a CPU (app.core.skinny_linear)."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -190,7 +194,8 @@ class RunningBatch:
         personas = {row.persona for row in rows}
         # The session's lock: a `tailor chat` reply on the same session (tests do that) must not switch persona
         # between this step's select() and its forward pass.
-        with session._lock:
+        skinny = self.skinny.applied() if self.skinny is not None and len(rows) > 1 else nullcontext()
+        with session._lock, skinny:
             if len(personas) == 1:
                 session.select(rows[0].persona)  # peft's plain single-adapter path
                 output = session.model(**inputs, use_cache=True, logits_to_keep=1)
@@ -248,7 +253,7 @@ def _row_attention(module, query, key, value, attention_mask, row_starts: list[i
     path for grouped-query heads with a mask, and longer rows round differently. In fp32 that moves logits by
     ~1e-5, but bitsandbytes' 4-bit CPU kernel rounds its inputs to bf16, so such a difference now and then flips a
     rounding, grows from layer to layer (~0.2 in the logits on SmolLM2) and changes a greedy reply. Row by row,
-    every row of a batch computes what `tailor chat` computes for it alone, bit for bit.
+    every row of a batch attends as `tailor chat` attends for it alone, bit for bit.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -9,9 +9,11 @@ client going away), so nobody waits for someone else's reply to finish and no st
 
 Every row decodes with its own settings and its own random generator, so greedy and sampled requests share a batch,
 and a seed gives the reply it gives in `tailor chat`. A row computes what `tailor chat` computes for it alone (its
-prompt prefilled alone, its attention over its own tokens, its LoRA update as peft's), so a reply equals `tailor
-chat`'s bit for bit; only a model that does not attend through sdpa falls back to a padding mask, whose rounding
-(~1e-5 in fp32 logits) can flip a near-tie, as in every batched server.
+prompt prefilled alone, its attention over its own tokens, its LoRA update as peft's, its 4-bit layers exactly).
+Only the plain linear layers (an unquantised base, the LM head) sum a batch's rows in another order, which moves
+fp32 logits in the last bit (~1e-6; app.core.skinny_linear), and a model that does not attend through sdpa falls
+back to a padding mask (~1e-5): either can flip a near-tie, as in every batched server, and otherwise a reply equals
+`tailor chat`'s (checked on whole replies of the bundled model, 4-bit and unquantised).
 
 Personas come from the library and are looked up again on every request, so one trained or imported while the
 server runs is served from its next request on, without a restart.

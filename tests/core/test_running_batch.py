@@ -1,6 +1,6 @@
-"""The serving engine's decode batch (app.core.running_batch, app.core.row_lora) on real 4-bit models: rows that join
-at different times, with different personas, prompt lengths and sampling settings, each produce exactly the reply
-`tailor chat` (ChatSession.reply) gives them alone."""
+"""The serving engine's decode batch (app.core.running_batch, app.core.row_lora, app.core.skinny_linear) on real
+models: rows that join at different times, with different personas, prompt lengths and sampling settings, each
+produce exactly the reply `tailor chat` (ChatSession.reply) gives them alone."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from adapter_factory import make_random_adapters
 
 from app.core import row_lora
+from app.core.skinny_linear import SkinnyLinears, _skinny_forward
 from app.core.chat import BASE, ChatSession, GenerationSettings
 from app.core.library import Library
 from app.core.running_batch import Row, RowSampler, RunningBatch
@@ -63,6 +64,30 @@ def test_adapters_that_do_not_stack_are_left_to_peft(tiny_session):
     assert not row_lora.supports(session.peft_model, session._lora_layers, {wide, dora})
 
 
+def test_skinny_linears_give_each_plain_layer_s_product_and_leave_4bit_and_lora_layers_alone(tiny_session):
+    """Inside `applied()` a plain linear layer multiplies several rows as W·xᵀ: the same product as F.linear to the
+    last bit or so, for every row; bitsandbytes' 4-bit layers and LoRA's A and B are not switched, and leaving the
+    context restores nn.Linear's own forward."""
+    from torch import nn
+
+    model = tiny_session.base_model
+    skinny = SkinnyLinears(model)
+    names = {module: name for name, module in model.named_modules()}
+    assert [names[layer] for layer in skinny.layers] == ["lm_head"], "only the quantised base's LM head is plain"
+    biased = nn.Linear(24, 40)  # the base layers are bias-free; a bias must be added too
+    skinny.layers.append(biased)
+    with torch.inference_mode():
+        for layer in skinny.layers:
+            x = torch.randn(4, 1, layer.in_features)
+            want = layer(x)
+            with skinny.applied():
+                assert vars(layer)["forward"].func is _skinny_forward
+                got = layer(x)
+            assert got.shape == want.shape and got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert "forward" not in vars(layer), "the layer's own forward is back"
+
+
 def replies_alone_and_batched(session: ChatSession, jobs: list[tuple[str, str, GenerationSettings]],
                               joins: dict[int, list[int]]) -> tuple[list[str], list[str]]:
     """Each job's reply from `tailor chat`, and from one RunningBatch that job i joins before step joins[i]."""
@@ -91,10 +116,12 @@ def replies_alone_and_batched(session: ChatSession, jobs: list[tuple[str, str, G
 
 
 @pytest.mark.slow
-def test_real_smollm2_rows_joining_at_different_times_answer_as_tailor_chat(tmp_path, smollm2_folder):
+@pytest.mark.parametrize("quant", ["4bit", "none"])
+def test_real_smollm2_rows_joining_at_different_times_answer_as_tailor_chat(tmp_path, smollm2_folder, quant):
+    """On the 4-bit base and the unquantised one (whose decode steps multiply as W·xᵀ, app.core.skinny_linear)."""
     library = Library(tmp_path / "library")
     make_random_adapters(library, smollm2_folder, ["first", "second"], rank=16, target_modules=LINEAR)
-    session = ChatSession(str(smollm2_folder), "4bit")
+    session = ChatSession(str(smollm2_folder), quant)
     for name in ("first", "second"):
         session.load_adapter(library.get(name))
     greedy = GenerationSettings(max_new_tokens=16, temperature=0)
