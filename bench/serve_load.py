@@ -7,14 +7,17 @@ threads, every client sending its share of the same request list (persona i % P,
   (b) one-by-one — the same server and engine, same requests, answered strictly one at a time (--max-batch 1): the
                    reference (its one-row decode loop runs as fast as `tailor chat`'s generate())
   (c) one persona — one persona loaded, the same number of requests one at a time: the memory reference
-For each: requests/s, generated tokens/s, p50/p95 request latency, and the server's peak RSS (VmHWM) while serving
-(reset after start-up, whose conversion peaks are the same for every configuration).
+For each: requests/s, generated tokens/s, p50/p95 request latency, the server's peak RSS (VmHWM) while serving
+(reset after start-up, whose conversion peaks are the same for every configuration), and rows per decode step.
+64 requests by default, 16 per client: a run ends in a tail where the clients that are done leave the others
+decoding in a thinner batch (with 4 requests per client, a quarter of the steps ran with 1 or 2 rows), and that
+tail should not be most of what (a) measures.
 Goal: (a) ≥ 2x the tokens/s of (b) with 4 clients, at ≤ 1.2x the peak memory of (c).
 
 The personas are random LoRA weights (rank 16 on every linear layer, like a default Tailor run): serving cost does
 not depend on what the weights say.
 
-    python bench/serve_load.py [--clients 4] [--requests 16] [--max-tokens 48] [--personas 4] [--quant 4bit|none]
+    python bench/serve_load.py [--clients 4] [--requests 64] [--max-tokens 48] [--personas 4] [--quant 4bit|none]
                                [--threads N]
 
 --threads sets OMP_NUM_THREADS for the servers (default: torch's choice). On a machine other jobs keep busy, torch's
@@ -56,6 +59,9 @@ class Result:
     latencies: list[float]
     peak_rss_bytes: int
     largest_batch: int
+    mean_batch: float
+    """Rows per decode step: below the client count where requests wait on the HTTP round trip, or in the tail
+    of a run, when some clients have sent all their requests."""
     joined_running: int
     cpu_seconds: float
     """The server's CPU time for the load: tokens per CPU second compare engines on a machine other jobs share,
@@ -66,7 +72,7 @@ class Result:
         p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
         return (f"| {self.label} | {self.requests / self.seconds:.2f} | {self.tokens / self.seconds:.1f} | "
                 f"{self.tokens / self.cpu_seconds:.1f} | {statistics.median(latencies):.2f} | {p95:.2f} | "
-                f"{self.peak_rss_bytes / 2**20:.0f} | {self.largest_batch} | {self.joined_running} |")
+                f"{self.peak_rss_bytes / 2**20:.0f} | {self.largest_batch} | {self.mean_batch:.2f} | {self.joined_running} |")
 
 
 def free_port() -> int:
@@ -147,7 +153,7 @@ def run_load(label: str, library: Path, personas: list[str], max_batch: int, cli
         seconds, cpu = time.perf_counter() - started, cpu_seconds(server.pid) - cpu_started
         health = httpx.get(url + "/health").json()
         return Result(label, requests, seconds, tokens[0], latencies, peak_rss(server.pid), health["largest_batch"],
-                      health["joined_running"], cpu)
+                      health["mean_batch"], health["joined_running"], cpu)
     finally:
         server.terminate()
         server.wait(30)
@@ -156,7 +162,9 @@ def run_load(label: str, library: Path, personas: list[str], max_batch: int, cli
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=16, help="requests per configuration, spread over the clients")
+    parser.add_argument("--requests", type=int, default=64,
+                        help="requests per configuration, spread over the clients (few: the tail, where fewer clients "
+                             "are left, weighs more)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--personas", type=int, default=4)
     parser.add_argument("--quant", choices=("4bit", "8bit", "none"), default="4bit", help="how the base is loaded")
@@ -186,8 +194,8 @@ def main() -> int:
           f"{args.personas} personas, greedy, max_tokens {args.max_tokens}, {os.cpu_count()} CPU cores, "
           f"{args.threads or 'default'} torch threads\n")
     print("| configuration | requests/s | generated tokens/s | tokens per server CPU s | p50 latency s | p95 latency s "
-          "| peak RSS MiB | largest batch | joined a running batch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| peak RSS MiB | largest batch | rows per step | joined a running batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for result in results:
         print(result.row())
     tokens_ratio = (batched.tokens / batched.seconds) / (one_by_one.tokens / one_by_one.seconds)

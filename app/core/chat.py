@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from app.core import skinny_linear
 from app.core.data import with_system_prompt
 from app.core.errors import AdapterError, TailorError
 from app.core.library import AdapterEntry, BaseProfile, Library, adapter_fit
@@ -301,6 +302,8 @@ class ChatSession:
                                      dtype=getattr(torch, generation_dtype(self.device)[0]))
         self.base_model.config.use_cache = True
         self.base_model.eval()
+        if self.device == "cpu":
+            skinny_linear.install(self.base_model)
         self._warm_up()
         self.peft_model = None
         """The PeftModel wrapping `base_model`, created when the first adapter is loaded."""

@@ -22,13 +22,11 @@ single-adapter path runs. Each row samples with its own settings and its own ran
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from app.core import row_lora
 from app.core.chat import BASE, ChatSession, GenerationSettings, _logits_processors
-from app.core.skinny_linear import SkinnyLinears
 
 PEFT_BASE_ROW = "__base__"
 """peft's name, in a mixed batch, for a row that uses no adapter."""
@@ -105,8 +103,6 @@ class RunningBatch:
         self.cache = None
         self.mask = None
         """The attention mask (rows x cache width): 1 where a row has a token, 0 where it is padded."""
-        self.steps = 0
-        """Decode steps taken so far (tests and the benchmark read it)."""
         self._stacked: tuple[list[str | None], row_lora.RowLora | None] | None = None
         """The last mixed composition's adapter keys, row by row, and their stacks."""
         self.joinable = _plain_cache(session.base_model.config)
@@ -114,8 +110,6 @@ class RunningBatch:
         model with sliding-window or recurrent layers (Gemma 2, ...) takes new rows only into an empty batch."""
         self.row_attention = _use_row_attention(session.base_model)
         """Whether each row attends through its own tokens only (see `_row_attention`) rather than a padding mask."""
-        self.skinny = SkinnyLinears(session.base_model) if session.device == "cpu" else None
-        """The plain linear layers, which a step of several rows runs as W·xᵀ on a CPU (app.core.skinny_linear)."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,7 +156,6 @@ class RunningBatch:
                                attention_mask=mask, cache=self.cache, **extra,
                                position_ids=torch.tensor([[len(row.tokens) - 1] for row in self.rows], device=device))
         self.mask = mask
-        self.steps += 1
         for index, row in enumerate(self.rows):
             row.tokens.append(row.sampler(torch.tensor([row.tokens], device=device), logits[index:index + 1]))
 
@@ -194,8 +187,7 @@ class RunningBatch:
         personas = {row.persona for row in rows}
         # The session's lock: a `tailor chat` reply on the same session (tests do that) must not switch persona
         # between this step's select() and its forward pass.
-        skinny = self.skinny.applied() if self.skinny is not None and len(rows) > 1 else nullcontext()
-        with session._lock, skinny:
+        with session._lock:
             if len(personas) == 1:
                 session.select(rows[0].persona)  # peft's plain single-adapter path
                 output = session.model(**inputs, use_cache=True, logits_to_keep=1)

@@ -201,6 +201,9 @@ class ServingEngine:
         """Requests decoding now."""
         self.largest_batch = 0
         """The most requests decoded together so far."""
+        self.decode_steps = 0
+        self.decoded_rows = 0
+        """Decode steps taken and the rows they decoded, summed: their ratio is how full the batches ran."""
         self.on_step: Callable[[list[Generation]], None] | None = None
         self._ids = itertools.count(1)
         self._queue: deque[Generation] = deque()
@@ -356,6 +359,11 @@ class ServingEngine:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def mean_batch(self) -> float:
+        """Rows per decode step so far, on average (0 before the first step)."""
+        return self.decoded_rows / self.decode_steps if self.decode_steps else 0.0
+
     def _work(self) -> None:
         batch = RunningBatch(self.session)
         while True:
@@ -436,6 +444,8 @@ class ServingEngine:
             if self.on_step is not None:
                 self.on_step([row.owner for row in batch.rows])
             batch.step()
+            self.decode_steps += 1
+            self.decoded_rows += len(batch)
             for row in batch.rows:
                 self._take_token(row.owner, row.tokens[-1])
         except Exception as exc:  # the server keeps serving; these clients hear why

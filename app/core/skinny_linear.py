@@ -1,53 +1,53 @@
-"""Decode steps of several rows on a CPU: the plain linear layers multiply as W·xᵀ instead of x·Wᵀ.
+"""Decoding on a CPU: the plain linear layers multiply a few rows as W·xᵀ instead of x·Wᵀ.
 
-A decode step feeds every linear layer one token per row, 2 to 8 rows: a "skinny" product, which MKL (torch's BLAS
-on x86) computes slowly as x·Wᵀ. On the bundled SmolLM2-135M (fp32, an AMD Zen 4) a 4-row step took 1.5x as long as
-a 1-row step (97 against 65 ms), though both read the same weights. The same product asked for as W·xᵀ, W's rows
-dotted with the few columns of xᵀ as in a matrix-vector product, took 56 ms for the 4-row step; 4 clients served
-together went from 1.8x to 2.8x the tokens/s of serving them one at a time (`bench/serve_load.py --quant none`; on
-the 4-bit base, where only the LM head is plain, from 2.0x to 2.5x). The result is made contiguous at once: left a
-transposed view, it slowed every elementwise operation after it more than the copy costs (98 ms for the 4-row step).
+Decoding feeds every linear layer one token per reply: one row in chat, 2 to 8 in a serving batch, a "skinny"
+product. MKL (torch's BLAS on x86) computes it slowly as x·Wᵀ: on the bundled SmolLM2-135M (fp32, an AMD Zen 4)
+with a rank-16 persona, a 1-row decode step took 68 ms and a 4-row step 97 ms, though both read the same weights.
+Asked for as W·xᵀ (W's rows dotted with the few columns of xᵀ), the same product made them 45 and 58 ms, and
+`tailor chat`'s generate() went from 67 to 44 ms per token (51 to 45 on the 4-bit base, where only the LM head is
+plain). A single row is multiplied beside a row of zeros: for one column MKL falls back to its matrix-vector
+product, which was the slow one. The result is made contiguous at once; left a transposed view, it slowed every
+elementwise operation after it more than the copy costs (98 ms for the 4-row step).
 
-It is the same product with its sums grouped another way, so logits move in the last bit (~1e-6 in fp32), as they
-already did between one row and several through x·Wᵀ: a greedy reply can differ from `tailor chat`'s only at a
-near-tie.
+It is the same product with its sums grouped another way, so logits move in the last bit (~1e-6 in fp32). Here MKL
+summed 1 to 3 rows alike, so a batch of up to 3 replies decoded each exactly as `tailor chat` does; 4 to 8 rows
+round the last bit differently (as may other CPUs), which can change a greedy reply only at a near-tie.
 
 Only `nn.Linear` layers switch: the unquantised base's and the LM head of a quantised one. bitsandbytes' layers keep
-their own kernels, and LoRA's own A and B matrices stay as peft computes them.
+their own kernels, and LoRA's A and B matrices (peft's own modules) stay as peft computes them. Longer inputs (a
+prompt being read) keep `F.linear`, which is fast there.
 """
 
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
-from typing import Iterator
+
+SKINNY_ROWS = 8
+"""The most rows multiplied as W·xᵀ: a serving batch's largest (app.core.serving.MAX_BATCH)."""
 
 
-class SkinnyLinears:
-    """The plain linear layers of a model, switchable to W·xᵀ for the forward passes inside `applied()`."""
+def install(model) -> int:
+    """Switch the model's plain linear layers (not peft's LoRA matrices) to `skinny_forward`; returns how many."""
+    from torch import nn
 
-    def __init__(self, model):
-        from torch import nn
-
-        self.layers = [module for name, module in model.named_modules()
-                       if type(module) is nn.Linear and ".lora_" not in f".{name}"]
-
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        for layer in self.layers:
-            object.__setattr__(layer, "forward", functools.partial(_skinny_forward, layer))
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                object.__delattr__(layer, "forward")
+    layers = [module for name, module in model.named_modules()
+              if type(module) is nn.Linear and ".lora_" not in f".{name}"]
+    for layer in layers:
+        layer.forward = functools.partial(skinny_forward, layer)
+    return len(layers)
 
 
-def _skinny_forward(layer, x):
+def skinny_forward(layer, x):
     import torch
+    import torch.nn.functional as F
 
     rows = x.reshape(-1, x.shape[-1])
-    output = torch.mm(layer.weight, rows.T).T.contiguous()
+    count = rows.shape[0]
+    if count > SKINNY_ROWS:
+        return F.linear(x, layer.weight, layer.bias)
+    if count == 1:
+        rows = F.pad(rows, (0, 0, 0, 1))
+    output = torch.mm(layer.weight, rows.T).T[:count].contiguous()
     if layer.bias is not None:
         output += layer.bias
     return output.view(*x.shape[:-1], output.shape[-1])

@@ -66,7 +66,8 @@ def create_app(engine: ServingEngine, api_key: str | None = None, max_body_bytes
         # Open without a key (for monitors), so it says nothing about the personas beyond how many there are.
         engine = request.app.state.engine
         return {"status": "ok", "version": __version__, "models": len(engine.model_names()),
-                "queued": engine.queued, "running": engine.running, "largest_batch": engine.largest_batch, **engine.counts}
+                "queued": engine.queued, "running": engine.running, "largest_batch": engine.largest_batch,
+                "mean_batch": round(engine.mean_batch, 2), **engine.counts}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from adapter_factory import make_random_adapters
 
-from app.core import row_lora
-from app.core.skinny_linear import SkinnyLinears, _skinny_forward
+from app.core import row_lora, skinny_linear
 from app.core.chat import BASE, ChatSession, GenerationSettings
 from app.core.library import Library
 from app.core.running_batch import Row, RowSampler, RunningBatch
@@ -65,27 +64,28 @@ def test_adapters_that_do_not_stack_are_left_to_peft(tiny_session):
 
 
 def test_skinny_linears_give_each_plain_layer_s_product_and_leave_4bit_and_lora_layers_alone(tiny_session):
-    """Inside `applied()` a plain linear layer multiplies several rows as W·xᵀ: the same product as F.linear to the
-    last bit or so, for every row; bitsandbytes' 4-bit layers and LoRA's A and B are not switched, and leaving the
-    context restores nn.Linear's own forward."""
+    """A CPU session multiplies a few rows through its plain linear layers as W·xᵀ: the same product as F.linear
+    to the last bit or so, for every row; longer inputs go through F.linear itself. bitsandbytes' 4-bit layers and
+    LoRA's A and B are not switched."""
+    import torch.nn.functional as F
     from torch import nn
 
     model = tiny_session.base_model
-    skinny = SkinnyLinears(model)
-    names = {module: name for name, module in model.named_modules()}
-    assert [names[layer] for layer in skinny.layers] == ["lm_head"], "only the quantised base's LM head is plain"
+    assert [name for name, module in model.named_modules() if "forward" in vars(module)] == ["lm_head"], \
+        "the session switched its only plain layer (the 4-bit base's LM head)"
+    assert skinny_linear.install(model) == 1, "installing again, with LoRA layers loaded, switches no LoRA matrix"
     biased = nn.Linear(24, 40)  # the base layers are bias-free; a bias must be added too
-    skinny.layers.append(biased)
+    skinny_linear.install(biased)
     with torch.inference_mode():
-        for layer in skinny.layers:
-            x = torch.randn(4, 1, layer.in_features)
-            want = layer(x)
-            with skinny.applied():
-                assert vars(layer)["forward"].func is _skinny_forward
+        for layer in (model.lm_head, biased):
+            assert vars(layer)["forward"].func is skinny_linear.skinny_forward
+            for rows in (1, 2, 3, 4, 8, skinny_linear.SKINNY_ROWS + 1):
+                x = torch.randn(rows, 1, layer.in_features)
+                want = F.linear(x, layer.weight, layer.bias)
                 got = layer(x)
-            assert got.shape == want.shape and got.is_contiguous()
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            assert "forward" not in vars(layer), "the layer's own forward is back"
+                assert got.shape == want.shape and got.is_contiguous()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                assert torch.equal(got, want) or rows <= skinny_linear.SKINNY_ROWS
 
 
 def replies_alone_and_batched(session: ChatSession, jobs: list[tuple[str, str, GenerationSettings]],

@@ -134,7 +134,7 @@ def test_streaming_sends_chunks_then_done_and_equals_the_plain_reply(client, ser
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
-def test_two_personas_answer_concurrently_each_with_its_own_reply(client, engine):
+def test_two_personas_answer_concurrently_each_with_its_own_reply(server, client, engine):
     prompts = ["Tell me about the sea.", "Tell me about the sky.", "Tell me about the moon."]
     jobs = [(model, [{"role": "user", "content": prompt}]) for prompt in prompts for model in ("alpha", "beta")]
     # Equal prompt lengths, so no row is padded: a padded row's attention rounds differently in bf16 (by ~4e-3 in
@@ -147,13 +147,15 @@ def test_two_personas_answer_concurrently_each_with_its_own_reply(client, engine
     def run(index: int, model: str, messages: list[dict]) -> None:
         replies[index] = ask(client, model, messages, max_tokens=10).choices[0].message.content.strip()
 
-    engine.largest_batch = 0
+    engine.largest_batch = engine.decode_steps = engine.decoded_rows = 0
     threads = [threading.Thread(target=run, args=(index, *job)) for index, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
     assert engine.largest_batch >= 2, "requests waiting together are answered in one mixed-persona batch"
+    health = httpx.get(server.url + "/health").json()
+    assert health["largest_batch"] == engine.largest_batch and 1 < health["mean_batch"] <= engine.largest_batch
     for index, (model, messages) in enumerate(jobs):
         assert replies[index] == expected(engine, model, messages, 10), f"request {index} ({model})"
     assert replies[0] != replies[1], "two personas, two different replies"
