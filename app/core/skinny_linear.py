@@ -13,9 +13,9 @@ It is the same product with its sums grouped another way, so logits move in the 
 summed 1 to 3 rows alike, so a batch of up to 3 replies decoded each exactly as `tailor chat` does; 4 to 8 rows
 round the last bit differently (as may other CPUs), which can change a greedy reply only at a near-tie.
 
-Only `nn.Linear` layers switch: the unquantised base's and the LM head of a quantised one. bitsandbytes' layers keep
-their own kernels, and LoRA's A and B matrices (peft's own modules) stay as peft computes them. Longer inputs (a
-prompt being read) keep `F.linear`, which is fast there.
+Only fp32 `nn.Linear` layers switch: the unquantised base's and the LM head of a quantised one. bitsandbytes'
+layers keep their own kernels, and LoRA's A and B matrices (peft's own modules) stay as peft computes them. Longer
+inputs (a prompt being read) keep `F.linear`, which was as fast there.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ SKINNY_ROWS = 8
 
 
 def install(model) -> int:
-    """Switch the model's plain linear layers (not peft's LoRA matrices) to `skinny_forward`; returns how many."""
+    """Switch the model's plain fp32 linear layers (not peft's LoRA matrices) to `skinny_forward`; returns how
+    many. Only fp32 was measured: other dtypes go through other kernels (oneDNN's for bf16)."""
+    import torch
     from torch import nn
 
     layers = [module for name, module in model.named_modules()
-              if type(module) is nn.Linear and ".lora_" not in f".{name}"]
+              if type(module) is nn.Linear and module.weight.dtype == torch.float32 and ".lora_" not in f".{name}"]
     for layer in layers:
         layer.forward = functools.partial(skinny_forward, layer)
     return len(layers)

@@ -75,7 +75,7 @@ def test_skinny_linears_give_each_plain_layer_s_product_and_leave_4bit_and_lora_
         "the session switched its only plain layer (the 4-bit base's LM head)"
     assert skinny_linear.install(model) == 1, "installing again, with LoRA layers loaded, switches no LoRA matrix"
     biased = nn.Linear(24, 40)  # the base layers are bias-free; a bias must be added too
-    skinny_linear.install(biased)
+    assert skinny_linear.install(biased) == 1 and skinny_linear.install(nn.Linear(24, 40, dtype=torch.bfloat16)) == 0
     with torch.inference_mode():
         for layer in (model.lm_head, biased):
             assert vars(layer)["forward"].func is skinny_linear.skinny_forward
