@@ -88,8 +88,11 @@ def _train_seconds_per_step(dtype_name: str, steps: int) -> float:
 def _chat_tokens_per_s(dtype_name: str, new_tokens: int) -> float:
     import torch
 
+    from app.core import skinny_linear
+
     model, tokenizer = _load(dtype_name)
     model.eval()
+    skinny_linear.install(model)  # as ChatSession does on a CPU (it switches fp32 layers only: the LM head here)
     inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     options = dict(**inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
                    pad_token_id=tokenizer.pad_token_id, min_new_tokens=new_tokens)

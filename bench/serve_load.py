@@ -10,8 +10,8 @@ threads, every client sending its share of the same request list (persona i % P,
 For each: requests/s, generated tokens/s, p50/p95 request latency, the server's peak RSS (VmHWM) while serving
 (reset after start-up, whose conversion peaks are the same for every configuration), and rows per decode step.
 64 requests by default, 16 per client: a run ends in a tail where the clients that are done leave the others
-decoding in a thinner batch (with 4 requests per client, a quarter of the steps ran with 1 or 2 rows), and that
-tail should not be most of what (a) measures.
+decoding in a thinner batch (with 4 requests per client, a quarter of the steps ran with 1 or 2 rows); more
+requests per client measure 4 concurrent clients rather than their tail.
 Goal: (a) ≥ 2x the tokens/s of (b) with 4 clients, at ≤ 1.2x the peak memory of (c).
 
 The personas are random LoRA weights (rank 16 on every linear layer, like a default Tailor run): serving cost does
