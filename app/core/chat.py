@@ -255,7 +255,7 @@ class ChatPrecision:
 def generation_dtype(device: str) -> tuple[str, str]:
     """(torch dtype name, why) chat computes in on `device`: app.core.precision's choice for generation (bf16 or
     fp16 on a GPU; fp32 on a CPU: one-token-at-a-time decoding of the 4-bit base measured 2x slower in bf16 with
-    AMX and only 1.2x faster with AVX512-BF16 alone (bench/cpu_compute_dtype.py), and of the unquantised base only 4%
+    AMX and only 1.06x faster with AVX512-BF16 alone (bench/cpu_compute_dtype.py), and of the unquantised base only 4%
     faster on AMX, within noise, while bf16 rounds every weight (bench/chat_precision.py))."""
     from app.core.precision import GENERATION, compute_dtype
 
