@@ -92,7 +92,7 @@ def _chat_tokens_per_s(dtype_name: str, new_tokens: int) -> float:
 
     model, tokenizer = _load(dtype_name)
     model.eval()
-    skinny_linear.install(model)  # as ChatSession does on a CPU (it switches fp32 layers only: the LM head here)
+    skinny_linear.install_where_it_pays(model, "cpu")  # as ChatSession does (fp32 layers only: the LM head here)
     inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     options = dict(**inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
                    pad_token_id=tokenizer.pad_token_id, min_new_tokens=new_tokens)

@@ -302,8 +302,7 @@ class ChatSession:
                                      dtype=getattr(torch, generation_dtype(self.device)[0]))
         self.base_model.config.use_cache = True
         self.base_model.eval()
-        if self.device == "cpu":
-            skinny_linear.install(self.base_model)
+        skinny_linear.install_where_it_pays(self.base_model, self.device)
         self._warm_up()
         self.peft_model = None
         """The PeftModel wrapping `base_model`, created when the first adapter is loaded."""

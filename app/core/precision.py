@@ -102,17 +102,31 @@ def cuda_precision(capability: tuple[int, int]) -> ComputePrecision:
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The native-bf16 flags this CPU reports (Linux /proc/cpuinfo); empty where they cannot be read."""
+    flags = {flag for value in _cpuinfo_values("flags", cpuinfo) for flag in value.split()}
+    return frozenset(flags & set(CPU_BF16_FLAGS))
+
+
+def cpu_vendor(cpuinfo: str | None = None) -> str | None:
+    """The CPU's vendor id ('GenuineIntel', 'AuthenticAMD', ...): Linux /proc/cpuinfo, else what the OS names the
+    processor (Windows includes the vendor id there); None where neither says."""
+    import platform
+
+    vendors = _cpuinfo_values("vendor_id", cpuinfo)
+    if vendors:
+        return vendors[0]
+    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD") if vendor in platform.processor()), None)
+
+
+def _cpuinfo_values(key: str, cpuinfo: str | None) -> list[str]:
+    """The values of `key` in /proc/cpuinfo (or the text given), one per processor; none where it cannot be read
+    (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no flags to read, so no claim of native bf16
-            return frozenset()
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags.update(value.split())
-    return frozenset(flags & set(CPU_BF16_FLAGS))
+        except OSError:
+            return []
+    lines = (line.partition(":") for line in cpuinfo.splitlines())
+    return [value.strip() for name, _, value in lines if name.strip() == key]
 
 
 def cpu_bf16_unit(flags: frozenset[str]) -> str | None:

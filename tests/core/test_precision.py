@@ -12,8 +12,8 @@ import torch
 from app.core import precision
 from app.core.errors import TailorError
 from app.core.precision import (
-    GENERATION, SIMULATE_OOM_ENV, TRAINING, ComputePrecision, OomSimulator, compute_dtype, cpu_bf16_flags, cpu_precision, cuda_precision,
-    is_out_of_memory, raise_simulated_oom, simulated_oom_steps,
+    GENERATION, SIMULATE_OOM_ENV, TRAINING, ComputePrecision, OomSimulator, compute_dtype, cpu_bf16_flags, cpu_precision,
+    cpu_vendor, cuda_precision, is_out_of_memory, raise_simulated_oom, simulated_oom_steps,
 )
 
 
@@ -75,6 +75,11 @@ bugs\t\t: spectre_v1
 processor\t: 1
 flags\t\t: fpu vme sse2 avx2 avx512f {extra}
 """
+
+
+def test_the_cpu_vendor_is_read_from_cpuinfo():
+    assert cpu_vendor(CPUINFO.format(extra="")) == "GenuineIntel"
+    assert cpu_vendor(CPUINFO.format(extra="").replace("GenuineIntel", "AuthenticAMD")) == "AuthenticAMD"
 
 
 @pytest.mark.parametrize("extra, flags", [
